@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Sets up .venv for rlinf on a fresh machine; safe to run again (does nothing when up to date).
+#   scripts/setup.sh            core + LLM + gymnasium extras and the dev tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.rlinf-setup
+want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
+
+if [[ -f $STAMP && $(cat "$STAMP") == "$want" ]]; then
+    exit 0
+fi
+
+echo "[setup] creating $VENV and installing rlinf (first run takes a few minutes)"
+[[ -x $VENV/bin/python ]] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip --disable-pip-version-check"
+$PIP install -q --upgrade pip setuptools wheel
+# torch first: the CPU build; constraints.txt keeps every later install from swapping it.
+$PIP install -q "$(grep '^torch==' constraints.txt)"
+$PIP install -q -c constraints.txt -e ".[llm,embodied,dev]"
+echo "$want" > "$STAMP"
+echo "[setup] done"
