@@ -1,0 +1,556 @@
+"""Channel: a named, bounded FIFO between the driver and workers, sync and asyncio.
+
+Control (the FIFO, backpressure, close) lives in the channel hub; small items travel through
+it as zmq frames. Tensors and arrays whose buffers add up to ``DIRECT_BYTES`` or more stay in
+the producer's process and the consumer fetches them straight from there as zero-copy frames,
+so large payloads cross the machine once and never pass through the hub.
+
+``put`` hands the item over: do not write into its tensors afterwards (as with
+``torch.multiprocessing`` queues), since a consumer may still be reading them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import pickle
+import struct
+import threading
+import time
+from array import array
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from rlinf import serialization
+from rlinf.channel_hub import CANCELLED, CLOSED, ITEMS, NOCHAN, OK, STAT
+from rlinf.errors import ChannelClosed, RlinfError
+from rlinf.trace import tracer
+
+DIRECT_BYTES = int(os.environ.get("RLINF_CHANNEL_DIRECT_BYTES", 256 * 1024))
+FETCH_TIMEOUT_S = float(os.environ.get("RLINF_CHANNEL_FETCH_TIMEOUT_S", 120))
+TRACE_MIN_S = 50e-6  # shorter channel waits are not recorded as spans
+_F64 = struct.Struct("<d")
+_U32 = struct.Struct("<I")
+_INF = float("inf")
+
+
+@dataclass(frozen=True)
+class ItemMeta:
+    """What travels with every item.
+
+    Args:
+        producer: the producing worker group's name, or ``"driver"``.
+        rank: the producer's rank (-1 for the driver).
+        version: the number the producer set, e.g. the policy version that made a sample.
+        weight: the item's weight for ``get_batch`` (e.g. number of samples it holds).
+        put_time: seconds since the epoch when it was put.
+        get_time: seconds since the epoch when the consumer received it.
+    """
+
+    producer: str
+    rank: int
+    version: int
+    weight: float
+    put_time: float
+    get_time: float = 0.0
+
+
+@dataclass(frozen=True)
+class Item:
+    """An item with its metadata."""
+
+    payload: Any
+    meta: ItemMeta
+
+
+class Channel:
+    """A named, bounded FIFO; the same name means the same channel from any process.
+
+    Args:
+        name: channel name, unique in the cluster.
+        maxsize: at most this many items are queued; ``put`` blocks beyond it. 0 means unbounded.
+    """
+
+    def __init__(self, name: str, maxsize: int = 256) -> None:
+        if not name:
+            raise ValueError("a channel needs a non-empty name, e.g. Channel('samples').")
+        if maxsize < 0:
+            raise ValueError(f"Channel({name!r}, maxsize={maxsize}): maxsize must be >= 0 (0 = unbounded).")
+        self.name = name
+        self._key = name.encode()
+        self._hub = _process().hub_address()
+        reply = self._call(b"CREATE", [_U32.pack(maxsize)])
+        self.maxsize = _U32.unpack(reply[2].bytes)[0]
+
+    @classmethod
+    def _attach(cls, name: str, maxsize: int, hub: str) -> Channel:
+        self = cls.__new__(cls)
+        self.name, self._key, self.maxsize, self._hub = name, name.encode(), maxsize, hub
+        return self
+
+    def __reduce__(self) -> tuple[Any, tuple[str, int, str]]:
+        return (Channel._attach, (self.name, self.maxsize, self._hub))
+
+    def __repr__(self) -> str:
+        return f"Channel({self.name!r}, maxsize={self.maxsize})"
+
+    # ---- sync API ------------------------------------------------------------------------------
+
+    def put(self, item: Any, *, version: int = 0, weight: float = 1.0, timeout: float | None = None) -> None:
+        """Appends ``item``; blocks while the channel is full.
+
+        Raises:
+            ChannelClosed: the channel was closed (the item was not delivered).
+            TimeoutError: still full after ``timeout`` seconds (the item was not delivered).
+        """
+        frames, key = _encode(item, version, weight)
+        start = time.time()
+        try:
+            reply = self._call(b"PUT", [_F64.pack(weight), *frames], timeout)
+        except BaseException:
+            _release(key)
+            raise
+        _trace_wait(f"put {self.name}", start)
+        self._check_put(reply[1].bytes, key, timeout)
+
+    def put_many(self, items: Iterable[Any], *, version: int = 0, weight: float = 1.0) -> None:
+        """Puts each item in order."""
+        for item in items:
+            self.put(item, version=version, weight=weight)
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Removes and returns the oldest item; blocks while empty.
+
+        Raises:
+            ChannelClosed: closed and drained.
+            TimeoutError: nothing arrived within ``timeout`` seconds.
+        """
+        return self.get_item(timeout).payload
+
+    def get_item(self, timeout: float | None = None) -> Item:
+        """Like :meth:`get`, with the item's metadata."""
+        items = self._get(1, 0.0, _INF, timeout)
+        if not items:
+            raise ChannelClosed(f"channel {self.name!r} is closed and drained")
+        return items[0]
+
+    def get_batch(self, weight: float, *, max_weight: float | None = None, timeout: float | None = None) -> list:
+        """Takes items until their weights add up to ``weight`` (one heavy item may overshoot).
+
+        With ``max_weight``, also takes whatever else has already arrived up to that weight
+        (elastic micro-batches). Returns fewer only when the channel is closed: ``[]`` once drained.
+        """
+        return [it.payload for it in self.get_batch_items(weight, max_weight=max_weight, timeout=timeout)]
+
+    def get_batch_items(
+        self, weight: float, *, max_weight: float | None = None, timeout: float | None = None
+    ) -> list[Item]:
+        """Like :meth:`get_batch`, with each item's metadata."""
+        if weight <= 0:
+            raise ValueError(f"get_batch(weight={weight}): weight must be > 0.")
+        hi = weight if max_weight is None else max_weight
+        if hi < weight:
+            raise ValueError(f"get_batch(weight={weight}, max_weight={max_weight}): max_weight must be >= weight.")
+        return self._get(0, weight, hi, timeout)
+
+    def __iter__(self) -> Iterator[Any]:
+        """Yields items until the channel is closed and drained."""
+        while True:
+            try:
+                yield self.get()
+            except ChannelClosed:
+                return
+
+    def items(self) -> Iterator[Item]:
+        """Yields items with metadata until the channel is closed and drained."""
+        while True:
+            try:
+                yield self.get_item()
+            except ChannelClosed:
+                return
+
+    def close(self) -> None:
+        """No more puts; consumers drain what is queued, then iteration ends."""
+        self._call(b"CLOSE", [])
+
+    def stats(self) -> dict[str, Any]:
+        """Queue size, capacity, counters and waiting consumers/producers."""
+        import json
+
+        reply = self._call(b"STAT", [])
+        return json.loads(reply[2].bytes)
+
+    def qsize(self) -> int:
+        return int(self.stats()["size"])
+
+    # ---- asyncio API ---------------------------------------------------------------------------
+
+    async def aput(self, item: Any, *, version: int = 0, weight: float = 1.0) -> None:
+        """``put`` for coroutines."""
+        frames, key = _encode(item, version, weight)
+        start = time.time()
+        try:
+            reply = await _process().aconn(self._hub).request(self._key, b"PUT", [_F64.pack(weight), *frames])
+        except BaseException:
+            _release(key)
+            raise
+        _trace_wait(f"put {self.name}", start)
+        self._check_put(reply[1].bytes, key, None)
+
+    async def aget(self) -> Any:
+        """``get`` for coroutines (cancelling it loses no item)."""
+        return (await self.aget_item()).payload
+
+    async def aget_item(self) -> Item:
+        items = await self._aget(1, 0.0, _INF)
+        if not items:
+            raise ChannelClosed(f"channel {self.name!r} is closed and drained")
+        return items[0]
+
+    async def aget_batch(self, weight: float, *, max_weight: float | None = None) -> list:
+        hi = weight if max_weight is None else max_weight
+        return [it.payload for it in await self._aget(0, weight, hi)]
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[Any]:
+        while True:
+            try:
+                yield await self.aget()
+            except ChannelClosed:
+                return
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    def _call(self, op: bytes, rest: list, timeout: float | None = None) -> list[zmq.Frame]:
+        reply = _process().conn(self._hub).request(self._key, op, rest, timeout)
+        if reply[1].bytes == NOCHAN:
+            raise RlinfError(f"channel {self.name!r} does not exist on the hub; create it with Channel(name).")
+        if reply[1].bytes == b"ER":
+            raise RlinfError(f"channel hub rejected {op.decode()} on {self.name!r}: {reply[2].bytes.decode()}")
+        return reply
+
+    def _check_put(self, status: bytes, key: int | None, timeout: float | None) -> None:
+        if status == OK:
+            return
+        _release(key)
+        if status == CLOSED:
+            raise ChannelClosed(f"channel {self.name!r} is closed; the item was not delivered")
+        if status == CANCELLED:
+            raise TimeoutError(f"channel {self.name!r} stayed full for {timeout} s; the item was not delivered")
+        raise RlinfError(f"unexpected reply {status!r} to put on channel {self.name!r}")
+
+    def _get(self, max_items: int, lo: float, hi: float, timeout: float | None) -> list[Item]:
+        start = time.time()
+        reply = self._call(b"GET", [_U32.pack(max_items), _F64.pack(lo), _F64.pack(hi)], timeout)
+        _trace_wait(f"get {self.name}", start)
+        return self._decode_reply(reply, timeout)
+
+    async def _aget(self, max_items: int, lo: float, hi: float) -> list[Item]:
+        start = time.time()
+        rest = [_U32.pack(max_items), _F64.pack(lo), _F64.pack(hi)]
+        reply = await _process().aconn(self._hub).request(self._key, b"GET", rest)
+        _trace_wait(f"get {self.name}", start)
+        return self._decode_reply(reply, None)
+
+    def _decode_reply(self, reply: list[zmq.Frame], timeout: float | None) -> list[Item]:
+        status = reply[1].bytes
+        if status == CLOSED:
+            return []
+        if status == CANCELLED:
+            raise TimeoutError(f"nothing arrived on channel {self.name!r} within {timeout} s")
+        if status != ITEMS:
+            raise RlinfError(f"unexpected reply {status!r} to get on channel {self.name!r}")
+        counts = array("I")
+        counts.frombytes(reply[2].bytes)
+        now = time.time()
+        items, i = [], 4
+        for n in counts:
+            items.append(_decode(reply[i : i + n], now))
+            i += n
+        return items
+
+
+# ---- encoding --------------------------------------------------------------------------------
+
+
+def _encode(item: Any, version: int, weight: float) -> tuple[list, int | None]:
+    """Returns the frames of an item and, for a large one, its key in this process's data server."""
+    header, buffers = serialization.dumps(item)
+    producer, rank = _identity
+    sizes = [b.nbytes for b in buffers]
+    remote = None
+    key = None
+    if sum(sizes) >= DIRECT_BYTES:
+        server = _process().data_server()
+        key = server.store(buffers)
+        remote = (server.address, key, sizes)
+        buffers = []
+    meta = pickle.dumps((producer, rank, version, weight, time.time(), remote), protocol=5)
+    return [meta, header, *buffers], key
+
+
+def _decode(frames: list[zmq.Frame], now: float) -> Item:
+    producer, rank, version, weight, put_time, remote = pickle.loads(frames[0].bytes)
+    if remote is None:
+        buffers: list[Any] = [f.buffer for f in frames[2:]]
+    else:
+        buffers = _process().fetch(*remote)
+    payload = serialization.loads(frames[1].buffer, buffers)
+    return Item(payload, ItemMeta(producer, rank, version, weight, put_time, now))
+
+
+def _release(key: int | None) -> None:
+    if key is not None:
+        _process().data_server().discard(key)
+
+
+def _trace_wait(name: str, start: float) -> None:
+    end = time.time()
+    if end - start >= TRACE_MIN_S:
+        tracer().add(name, "channel", start, end)
+
+
+# ---- per-process transport -------------------------------------------------------------------
+
+_identity: tuple[str, int] = ("driver", -1)
+
+
+def set_identity(producer: str, rank: int) -> None:
+    """Names this process as the producer of the items it puts (set by the worker runtime)."""
+    global _identity
+    _identity = (producer, rank)
+
+
+class _Conn:
+    """One thread's DEALER socket to the hub; requests get exactly one reply each."""
+
+    def __init__(self, ctx: zmq.Context, address: str) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self._ids = itertools.count(1)
+        self._pending: dict[bytes, bytes] = {}  # request id -> channel, for replies nobody waits for
+
+    def request(self, chan: bytes, op: bytes, rest: list, timeout: float | None = None) -> list[zmq.Frame]:
+        req = next(self._ids).to_bytes(8, "little")
+        self._pending[req] = chan
+        self.sock.send_multipart([op, chan, req, *rest], copy=False)
+        if timeout is not None and not self._wait(req, timeout):
+            self.sock.send_multipart([b"CANCEL", chan, next(self._ids).to_bytes(8, "little"), req])
+        return self._recv(req)
+
+    def _wait(self, req: bytes, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
+                return False
+            return True
+
+    def _recv(self, req: bytes) -> list[zmq.Frame]:
+        while True:
+            msg = self.sock.recv_multipart(copy=False)
+            got = msg[0].bytes
+            chan = self._pending.pop(got, None)
+            if got == req:
+                return msg
+            if chan is not None:
+                _orphan(self, chan, msg)
+
+
+def _orphan(conn: _Conn, chan: bytes, msg: list[zmq.Frame]) -> None:
+    """A reply to an abandoned get: put its items back at the front so nothing is lost."""
+    if msg[1].bytes == ITEMS:
+        req = next(conn._ids).to_bytes(8, "little")
+        conn.sock.send_multipart([b"REQUEUE", chan, req, *msg[2:]], copy=False)
+        conn._pending[req] = chan
+
+
+class _AsyncConn:
+    """A DEALER socket for one event loop; a reader task routes replies to their futures."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, address: str) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self._ids = itertools.count(1)
+        self._futures: dict[bytes, asyncio.Future] = {}
+        self._chans: dict[bytes, bytes] = {}
+        self._reader: asyncio.Task | None = None
+
+    async def request(self, chan: bytes, op: bytes, rest: list) -> list[zmq.Frame]:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+        req = next(self._ids).to_bytes(8, "little")
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._futures[req], self._chans[req] = fut, chan
+        await self.sock.send_multipart([op, chan, req, *rest], copy=False)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if not fut.done():  # the reply (items or CANCELLED) will be handled by the reader
+                fut.add_done_callback(lambda f: None)
+                self._futures.pop(req, None)
+                cancel = next(self._ids).to_bytes(8, "little")
+                await self.sock.send_multipart([b"CANCEL", chan, cancel, req])
+            raise
+
+    async def _read(self) -> None:
+        while True:
+            msg = await self.sock.recv_multipart(copy=False)
+            req = msg[0].bytes
+            chan = self._chans.pop(req, None)
+            fut = self._futures.pop(req, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            elif chan is not None and msg[1].bytes == ITEMS:
+                requeue = next(self._ids).to_bytes(8, "little")
+                self._chans[requeue] = chan
+                await self.sock.send_multipart([b"REQUEUE", chan, requeue, *msg[2:]], copy=False)
+
+
+class DataServer:
+    """Serves this process's large outgoing buffers to consumers (one thread, zmq ROUTER)."""
+
+    def __init__(self, ctx: zmq.Context, ip: str) -> None:
+        self._store: dict[int, list[memoryview]] = {}
+        self._lock = threading.Lock()
+        self._keys = itertools.count(1)
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        port = sock.bind_to_random_port(f"tcp://{ip}")
+        self.address = f"tcp://{ip}:{port}"
+        self._sock = sock
+        threading.Thread(target=self._serve, name="rlinf-data-server", daemon=True).start()
+
+    def store(self, buffers: list[memoryview]) -> int:
+        key = next(self._keys)
+        with self._lock:
+            self._store[key] = buffers
+        return key
+
+    def take(self, key: int) -> list[memoryview] | None:
+        with self._lock:
+            return self._store.pop(key, None)
+
+    def discard(self, key: int) -> None:
+        self.take(key)
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def _serve(self) -> None:
+        while True:
+            ident, req, key = self._sock.recv_multipart()
+            buffers = self.take(int.from_bytes(key, "little"))
+            if buffers is None:
+                self._sock.send_multipart([ident, req, b"GONE"])
+            else:
+                self._sock.send_multipart([ident, req, OK, *buffers], copy=False)
+
+
+class _Process:
+    """This process's zmq context, hub connections and data server."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context.instance()
+        self.actx = zmq.asyncio.Context.shadow(self.ctx.underlying)
+        self._local = threading.local()
+        self._aconns: dict[tuple[int, str], _AsyncConn] = {}
+        self._server: DataServer | None = None
+        self._hub: str | None = None
+        self._lock = threading.Lock()
+
+    def hub_address(self) -> str:
+        if self._hub is None:
+            import ray
+
+            from rlinf.cluster import HUB_NAME, NAMESPACE
+
+            if not ray.is_initialized():
+                raise RlinfError("channels need a running cluster: create rlinf.Cluster() first.")
+            try:
+                hub = ray.get_actor(HUB_NAME, namespace=NAMESPACE)
+            except ValueError:
+                raise RlinfError("no channel hub is running: create rlinf.Cluster() first.") from None
+            self._hub = ray.get(hub.address.remote())
+        return self._hub
+
+    def conn(self, address: str) -> _Conn:
+        conns = self._local.__dict__.setdefault("conns", {})
+        if address not in conns:
+            conns[address] = _Conn(self.ctx, address)
+        return conns[address]
+
+    def aconn(self, address: str) -> _AsyncConn:
+        key = (id(asyncio.get_running_loop()), address)
+        if key not in self._aconns:
+            self._aconns[key] = _AsyncConn(self.actx, address)
+        return self._aconns[key]
+
+    def data_server(self) -> DataServer:
+        with self._lock:
+            if self._server is None:
+                from rlinf.cluster import bind_ip
+
+                self._server = DataServer(self.ctx, bind_ip())
+            return self._server
+
+    def fetch(self, address: str, key: int, sizes: list[int]) -> list[Any]:
+        if self._server is not None and address == self._server.address:
+            local = self._server.take(key)
+            if local is not None:
+                return list(local)
+        socks = self._local.__dict__.setdefault("fetch", {})
+        if address not in socks:
+            s = self.ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.RCVHWM, 0)
+            s.connect(address)
+            socks[address] = [s, itertools.count(1)]
+        sock, ids = socks[address]
+        req = next(ids).to_bytes(8, "little")
+        sock.send_multipart([req, key.to_bytes(8, "little")])
+        while True:
+            if not sock.poll(int(FETCH_TIMEOUT_S * 1000)):
+                raise RlinfError(
+                    f"the producer at {address} did not send the tensors of an item within "
+                    f"{FETCH_TIMEOUT_S} s; it has probably exited. Keep producers alive until their "
+                    f"items are consumed (or raise RLINF_CHANNEL_FETCH_TIMEOUT_S)."
+                )
+            msg = sock.recv_multipart(copy=False)
+            if msg[0].bytes == req:
+                break
+        if msg[1].bytes != OK:
+            raise RlinfError(f"the producer at {address} no longer holds the item (key {key}).")
+        return [f.buffer for f in msg[2:]]
+
+
+_state: _Process | None = None
+_state_lock = threading.Lock()
+
+
+def _process() -> _Process:
+    global _state
+    if _state is None or _state_pid != os.getpid():
+        with _state_lock:
+            _reset_after_fork()
+    assert _state is not None
+    return _state
+
+
+_state_pid = -1
+
+
+def _reset_after_fork() -> None:
+    global _state, _state_pid
+    if _state is None or _state_pid != os.getpid():
+        _state, _state_pid = _Process(), os.getpid()

@@ -1,0 +1,209 @@
+"""The channel hub: one process that keeps every channel's FIFO of item headers.
+
+It runs a single zmq ROUTER loop. Items arrive as frames and leave as the same frames
+(zero-copy in both directions); the hub never unpickles them. Large tensor/array buffers are
+not sent here at all: the item holds a reference to the producer's data server, and the
+consumer fetches them from there directly (see ``rlinf.channel``).
+
+Protocol, client (DEALER) -> hub (ROUTER); every request gets exactly one reply ``[req, status, ...]``:
+    CREATE chan req maxsize          -> OK
+    PUT    chan req weight frames... -> OK when queued (delayed while full: backpressure) | CLOSED
+    GET    chan req max_items min_w max_w -> ITEMS counts frames... (when satisfied) | CLOSED (drained)
+    CANCEL chan req target           -> the target's own reply if it already went out, else CANCELLED
+    REQUEUE chan req counts frames...-> OK (items go back to the front, e.g. after an abandoned get)
+    CLOSE  chan req                  -> OK
+    STAT   chan req                  -> STAT json
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+from array import array
+from collections import deque
+from dataclasses import dataclass, field
+
+import zmq
+
+OK, CLOSED, ITEMS, CANCELLED, STAT, NOCHAN = b"OK", b"CL", b"IT", b"CA", b"ST", b"NC"
+_F64 = struct.Struct("<d")
+_U32 = struct.Struct("<I")
+
+
+@dataclass
+class _Waiter:
+    ident: bytes
+    req: bytes
+    max_items: int
+    min_weight: float
+    max_weight: float
+    taken: list[tuple[float, list[zmq.Frame]]] = field(default_factory=list)
+    weight: float = 0.0
+
+
+@dataclass
+class _Chan:
+    maxsize: int
+    queue: deque[tuple[float, list[zmq.Frame]]] = field(default_factory=deque)
+    waiters: deque[_Waiter] = field(default_factory=deque)
+    blocked: deque[tuple[bytes, bytes, float, list[zmq.Frame]]] = field(default_factory=deque)
+    closed: bool = False
+    puts: int = 0
+    gets: int = 0
+
+
+class ChannelHub:
+    """Hosts every channel of a cluster; runs as a Ray actor on the driver's node."""
+
+    def __init__(self, host: str | None = None) -> None:
+        import ray
+
+        ip = host or ray.util.get_node_ip_address()
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        port = self._sock.bind_to_random_port(f"tcp://{ip}")
+        self._address = f"tcp://{ip}:{port}"
+        self._chans: dict[bytes, _Chan] = {}
+        self._thread = threading.Thread(target=self._loop, name="rlinf-channel-hub", daemon=True)
+        self._thread.start()
+
+    def address(self) -> str:
+        return self._address
+
+    # ---- loop ----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        sock = self._sock
+        while True:
+            msg = sock.recv_multipart(copy=False)
+            ident, op, name, req = msg[0].bytes, msg[1].bytes, msg[2].bytes, msg[3].bytes
+            try:
+                self._handle(ident, op, name, req, msg[4:])
+            except Exception as e:  # a malformed request must not kill the hub
+                sock.send_multipart([ident, req, b"ER", repr(e).encode()])
+
+    def _send(self, ident: bytes, req: bytes, status: bytes, *rest: object) -> None:
+        self._sock.send_multipart([ident, req, status, *rest], copy=False)
+
+    def _handle(self, ident: bytes, op: bytes, name: bytes, req: bytes, rest: list[zmq.Frame]) -> None:
+        if op == b"CREATE":
+            if name not in self._chans:
+                self._chans[name] = _Chan(maxsize=_U32.unpack(rest[0].bytes)[0])
+            return self._send(ident, req, OK, _U32.pack(self._chans[name].maxsize))
+        chan = self._chans.get(name)
+        if chan is None:
+            return self._send(ident, req, NOCHAN)
+        if op == b"PUT":
+            weight = _F64.unpack(rest[0].bytes)[0]
+            if chan.closed:
+                return self._send(ident, req, CLOSED)
+            if chan.maxsize and len(chan.queue) >= chan.maxsize:
+                chan.blocked.append((ident, req, weight, rest[1:]))
+                return None
+            chan.queue.append((weight, rest[1:]))
+            chan.puts += 1
+            self._send(ident, req, OK)
+            self._serve(chan)
+        elif op == b"GET":
+            max_items = _U32.unpack(rest[0].bytes)[0]
+            min_w, max_w = _F64.unpack(rest[1].bytes)[0], _F64.unpack(rest[2].bytes)[0]
+            chan.waiters.append(_Waiter(ident, req, max_items, min_w, max_w))
+            self._serve(chan)
+        elif op == b"CANCEL":
+            target = rest[0].bytes
+            for w in chan.waiters:
+                if w.ident == ident and w.req == target:
+                    chan.waiters.remove(w)
+                    chan.queue.extendleft(reversed(w.taken))
+                    self._send(ident, target, CANCELLED)
+                    return self._serve(chan)
+            for b in chan.blocked:
+                if b[0] == ident and b[1] == target:
+                    chan.blocked.remove(b)
+                    return self._send(ident, target, CANCELLED)
+            # Already answered: the client reads that reply instead.
+        elif op == b"REQUEUE":
+            items = _split(rest[0].bytes, rest[2:], rest[1].bytes)
+            chan.queue.extendleft(reversed(items))
+            self._send(ident, req, OK)
+            self._serve(chan)
+        elif op == b"CLOSE":
+            chan.closed = True
+            for b_ident, b_req, _, _ in chan.blocked:
+                self._send(b_ident, b_req, CLOSED)
+            chan.blocked.clear()
+            self._send(ident, req, OK)
+            self._serve(chan)
+        elif op == b"STAT":
+            stat = {
+                "size": len(chan.queue),
+                "maxsize": chan.maxsize,
+                "closed": chan.closed,
+                "puts": chan.puts,
+                "gets": chan.gets,
+                "waiting_consumers": len(chan.waiters),
+                "blocked_producers": len(chan.blocked),
+            }
+            self._send(ident, req, STAT, json.dumps(stat).encode())
+        else:
+            self._send(ident, req, b"ER", b"unknown op " + op)
+
+    def _serve(self, chan: _Chan) -> None:
+        """Hands queued items to waiting consumers in FIFO order, then admits blocked producers."""
+        while True:
+            while chan.waiters and chan.queue:
+                w = chan.waiters[0]
+                while chan.queue:
+                    weight = chan.queue[0][0]
+                    # Take the next item while the batch is below its minimum weight (overshooting
+                    # if one item is heavy), or while it still fits under the maximum.
+                    if w.taken and w.weight >= w.min_weight and w.weight + weight > w.max_weight:
+                        break
+                    w.taken.append(chan.queue.popleft())
+                    w.weight += weight
+                    if w.max_items and len(w.taken) >= w.max_items:
+                        break
+                full = (w.max_items and len(w.taken) >= w.max_items) or w.weight >= w.min_weight
+                if not full:
+                    break  # queue is empty now; this consumer keeps waiting for more
+                chan.waiters.popleft()
+                self._deliver(chan, w)
+            admitted = False
+            while chan.blocked and (not chan.maxsize or len(chan.queue) < chan.maxsize):
+                b_ident, b_req, weight, frames = chan.blocked.popleft()
+                chan.queue.append((weight, frames))
+                chan.puts += 1
+                self._send(b_ident, b_req, OK)
+                admitted = True
+            if not (admitted and chan.waiters):
+                break
+        if chan.closed and not chan.queue:
+            while chan.waiters:
+                w = chan.waiters.popleft()
+                if w.taken:
+                    self._deliver(chan, w)  # a partial batch: the last one before the end
+                else:
+                    self._send(w.ident, w.req, CLOSED)
+
+    def _deliver(self, chan: _Chan, w: _Waiter) -> None:
+        counts = array("I", [len(frames) for _, frames in w.taken]).tobytes()
+        weights = array("d", [weight for weight, _ in w.taken]).tobytes()
+        frames = [f for _, item in w.taken for f in item]
+        chan.gets += len(w.taken)
+        self._send(w.ident, w.req, ITEMS, counts, weights, *frames)
+
+
+def _split(counts: bytes, frames: list, weights: bytes) -> list[tuple[float, list]]:
+    """Cuts a flat frame list back into items; ``counts`` holds each item's frame count."""
+    sizes, ws = array("I"), array("d")
+    sizes.frombytes(counts)
+    ws.frombytes(weights)
+    out, i = [], 0
+    for n, w in zip(sizes, ws, strict=True):
+        out.append((w, list(frames[i : i + n])))
+        i += n
+    return out

@@ -1,0 +1,121 @@
+"""The Ray actor that hosts one rank of a worker group."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from rlinf import channel
+from rlinf.trace import Span, tracer
+from rlinf.worker import RankContext, Worker, _Runtime, _set_runtime, host_label
+
+# (ok, value or (error, traceback), start, end): kept a plain tuple, it crosses Ray for every call.
+Outcome = tuple[bool, Any, float, float]
+
+
+class WorkerHost:
+    """Pins the process to its devices, builds the worker and runs its methods."""
+
+    def __init__(self, payload: bytes, ctx: RankContext, env: dict[str, str], lock_service: Any) -> None:
+        # The environment is set here rather than through a Ray runtime_env: that would cost a fresh
+        # worker process per rank (seconds) instead of reusing one of Ray's idle ones.
+        os.environ.update(env)
+        for p in reversed(env.get("PYTHONPATH", "").split(os.pathsep)):
+            if p and p not in sys.path:
+                sys.path.insert(0, p)
+        from ray import cloudpickle
+
+        cls, args = cloudpickle.loads(payload)
+        _pin(ctx)
+        channel.set_identity(ctx.group, ctx.rank)
+        self._ctx = ctx
+        self._cls = cls
+        self._calls = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        import ray
+
+        self._rt = _Runtime(ctx, ray.get_runtime_context().current_actor, lock_service, ("", 0))
+        _set_runtime(self._rt)
+        start = time.time()
+        self._init_error: tuple[str, str] | None = None
+        try:
+            worker = cls.__new__(cls)
+            worker.rank, worker.world_size, worker.devices = ctx.rank, ctx.world_size, ctx.devices
+            worker.group_name = ctx.group
+            worker.__init__(*args)  # type: ignore[misc]
+            self._rt.worker = worker
+        except BaseException as e:
+            self._init_error = (f"{type(e).__name__}: {e}", traceback.format_exc())
+        tracer().add(f"{cls.__name__}.__init__", "call", start, time.time())
+
+    def ready(self) -> Outcome:
+        """Reports construction; on success, the address rank 0 offers for torch.distributed."""
+        now = time.time()
+        if self._init_error is not None:
+            return (False, self._init_error, now, now)
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((ip, 0))
+            port = s.getsockname()[1]
+        return (True, {"host": host_label(), "ip": ip, "port": port, "pid": os.getpid()}, now, now)
+
+    def configure(self, dist_master: tuple[str, int]) -> None:
+        self._rt.dist_master = dist_master
+
+    def run(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outcome:
+        """Runs ``worker.method(*args, **kwargs)``; user calls on one rank never overlap."""
+        with self._calls:
+            start = time.time()
+            try:
+                fn = getattr(self._rt.worker, method)
+                if inspect.iscoroutinefunction(fn):
+                    value = asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self._event_loop()).result()
+                else:
+                    value = fn(*args, **kwargs)
+                out: Outcome = (True, value, start, time.time())
+            except BaseException as e:
+                out = (False, (f"{type(e).__name__}: {e}", traceback.format_exc()), start, time.time())
+            tracer().add(f"{self._cls.__name__}.{method}", "call", out[2], out[3])
+            return out
+
+    # ---- control calls: served beside a running method -------------------------------------------
+
+    def offload_for_handover(self) -> float:
+        return self._rt.offload_for_handover()
+
+    def trace(self) -> tuple[list[Span], int]:
+        t = tracer()
+        return t.drain(), t.dropped
+
+    def switch_times(self) -> list[float]:
+        return list(self._rt.switch_s)
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="rlinf-worker-loop", daemon=True).start()
+            self._loop = loop
+        return self._loop
+
+
+def _pin(ctx: RankContext) -> None:
+    """CPU slots: pin to the slot's cores and match torch's threads; GPUs: set by the launcher."""
+    import torch
+
+    cores = [c for d in ctx.devices for c in d.cores]
+    if cores:
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(len(cores))
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:
+            pass  # already set in this process

@@ -1,0 +1,60 @@
+"""Pickling that keeps tensor and array memory out of the pickle stream.
+
+``dumps`` returns a small header plus the raw buffers of every numpy array and CPU tensor inside
+the object (pickle protocol 5, out of band), so a transport can send them as zero-copy frames.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from typing import Any
+
+import numpy as np
+import torch
+from ray import cloudpickle
+
+INLINE_BYTES = 1024  # buffers smaller than this stay inside the header
+
+
+def _rebuild_tensor(buf: Any, dtype: str, shape: tuple[int, ...], requires_grad: bool) -> torch.Tensor:
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    t = torch.from_numpy(raw) if raw.size else torch.empty(0, dtype=torch.uint8)
+    t = t.view(getattr(torch, dtype)).reshape(shape)
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+class _Pickler(cloudpickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is torch.Tensor and obj.layout == torch.strided and not obj.is_quantized:
+            t = obj.detach()
+            if t.device.type != "cpu":
+                t = t.cpu()  # consumers receive CPU tensors and move them where they compute
+            t = t.resolve_conj().resolve_neg().contiguous()
+            raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8)
+            dtype = str(t.dtype).removeprefix("torch.")
+            return _rebuild_tensor, (pickle.PickleBuffer(raw), dtype, tuple(t.shape), obj.requires_grad)
+        return super().reducer_override(obj)
+
+
+def dumps(obj: Any) -> tuple[bytes, list[memoryview]]:
+    """Pickles ``obj``; returns the header and the out-of-band buffers (views, not copies)."""
+    buffers: list[memoryview] = []
+
+    def keep_out_of_band(pb: pickle.PickleBuffer) -> bool:
+        view = pb.raw()
+        if view.nbytes < INLINE_BYTES:
+            return True  # in band
+        buffers.append(view)
+        return False
+
+    f = io.BytesIO()
+    _Pickler(f, protocol=5, buffer_callback=keep_out_of_band).dump(obj)
+    return f.getvalue(), buffers
+
+
+def loads(header: bytes | memoryview, buffers: list[Any]) -> Any:
+    """Inverse of :func:`dumps`; ``buffers`` may be any objects exposing the buffer protocol."""
+    return pickle.loads(header, buffers=buffers)

@@ -1,0 +1,125 @@
+"""Workers on real Ray processes: placement on CPU slots, collectives, errors, dead processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from rlinf import PlacementError, Worker, WorkerDiedError, WorkerError
+
+
+class Probe(Worker):
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    def where(self) -> dict:
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "affinity": sorted(os.sched_getaffinity(0)),
+            "threads": torch.get_num_threads(),
+            "pid": os.getpid(),
+            "tag": self.tag,
+            "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
+
+    def all_reduce(self, value: float) -> float:
+        import torch.distributed as dist
+
+        t = torch.tensor([value * (self.rank + 1)])
+        dist.all_reduce(t, group=self.dist_group())
+        return float(t.item())
+
+    def fail(self, x: int) -> None:
+        raise ValueError(f"x={x} is not allowed here")
+
+    def sleep(self, s: float) -> int:
+        time.sleep(s)
+        return self.rank
+
+    async def async_add(self, a: int, b: int) -> int:
+        await asyncio.sleep(0.01)
+        return a + b
+
+
+class BrokenInit(Worker):
+    def __init__(self) -> None:
+        raise RuntimeError("model path /nope does not exist")
+
+
+def test_ranks_pinned_to_distinct_slots_and_all_reduce(fresh_groups):
+    cluster = fresh_groups
+    assert len(cluster.devices) >= 2, "the default machine has two CPU slots"
+    group = Probe.launch(cluster, [0, 1], "t")
+    info = group.call(Probe.where).wait()
+    assert [i["rank"] for i in info] == [0, 1]
+    assert all(i["world_size"] == 2 for i in info)
+    affinities = [tuple(i["affinity"]) for i in info]
+    assert affinities[0] != affinities[1], affinities
+    assert affinities == [cluster.devices[0].cores, cluster.devices[1].cores]
+    assert [i["threads"] for i in info] == [len(a) for a in affinities]
+    assert all(i["cuda_visible"] == "" for i in info)
+    # rank r contributes 2.5 * (r + 1): 2.5 + 5.0 = 7.5 on both ranks
+    assert group.call(Probe.all_reduce, 2.5).wait() == [7.5, 7.5]
+
+
+def test_handle_timings_done_and_narrowed_calls(fresh_groups):
+    group = Probe.launch(fresh_groups, [0, 1], "t")
+    h = group.call(Probe.sleep, 0.3)
+    assert not h.done()
+    assert h.wait() == [0, 1]
+    assert h.done()
+    assert len(h.timings) == 2 and all(0.25 < t < 5 for t in h.timings)
+    assert group.on(1).call(Probe.sleep, 0.0).wait() == [1]
+    assert group.call(Probe.async_add, 2, 3).wait() == [5, 5]
+    with pytest.raises(ValueError, match="no rank 5"):
+        group.on(5)
+
+
+def test_exception_surfaces_with_rank_host_and_traceback(fresh_groups):
+    group = Probe.launch(fresh_groups, [0, 1], "t")
+    start = time.monotonic()
+    with pytest.raises(WorkerError) as info:
+        group.on(1).call(Probe.fail, 7).wait()
+    assert time.monotonic() - start < 10
+    err = info.value
+    assert err.rank == 1 and err.method == "fail"
+    assert "ValueError: x=7 is not allowed here" in str(err)
+    assert "Probe rank 1" in str(err) and "pid" in err.host
+    assert "in fail" in err.worker_traceback  # the worker's own traceback travels along
+    assert group.call(Probe.sleep, 0).wait() == [0, 1]  # the group is still usable
+
+
+def test_killed_worker_reported_as_dead_not_a_hang(fresh_groups):
+    group = Probe.launch(fresh_groups, [0, 1], "t")
+    pid = group.call(Probe.where).wait()[1]["pid"]
+    h = group.call(Probe.sleep, 60)
+    time.sleep(0.5)
+    start = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(WorkerDiedError) as info:
+        h.wait(timeout=30)
+    assert time.monotonic() - start < 10
+    assert info.value.rank == 1
+    assert "died while running sleep" in str(info.value)
+
+
+def test_init_failure_reported_at_launch(fresh_groups):
+    with pytest.raises(WorkerError, match=r"raised in __init__: RuntimeError: model path /nope does not exist"):
+        BrokenInit.launch(fresh_groups, [0])
+
+
+def test_calling_a_foreign_method_is_a_type_error(fresh_groups):
+    group = Probe.launch(fresh_groups, [0], "t")
+    with pytest.raises(TypeError, match="not a method of Probe"):
+        group.call(BrokenInit.__init__)
+
+
+def test_unknown_device_is_a_placement_error(fresh_groups):
+    with pytest.raises(PlacementError, match="device 9 does not exist"):
+        Probe.launch(fresh_groups, [9], "t")
