@@ -27,7 +27,7 @@ import zmq
 import zmq.asyncio
 
 from rlinf import serialization
-from rlinf.channel_hub import CANCELLED, CLOSED, ITEMS, NOCHAN, OK, STAT
+from rlinf.channel_hub import CANCELLED, CLOSED, ITEMS, NOCHAN, OK
 from rlinf.errors import ChannelClosed, RlinfError
 from rlinf.trace import tracer
 
@@ -343,16 +343,13 @@ class _Conn:
         self._pending[req] = chan
         self.sock.send_multipart([op, chan, req, *rest], copy=False)
         if timeout is not None and not self._wait(req, timeout):
+            # Exactly one reply still comes: the items (if they raced the cancel) or CANCELLED.
             self.sock.send_multipart([b"CANCEL", chan, next(self._ids).to_bytes(8, "little"), req])
         return self._recv(req)
 
     def _wait(self, req: bytes, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
-                return False
-            return True
+        """True when a reply is ready within ``timeout`` seconds."""
+        return bool(self.sock.poll(max(1, int(timeout * 1000))))
 
     def _recv(self, req: bytes) -> list[zmq.Frame]:
         while True:
@@ -461,7 +458,7 @@ class _Process:
     """This process's zmq context, hub connections and data server."""
 
     def __init__(self) -> None:
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context = zmq.Context.instance()
         self.actx = zmq.asyncio.Context.shadow(self.ctx.underlying)
         self._local = threading.local()
         self._aconns: dict[tuple[int, str], _AsyncConn] = {}
@@ -478,10 +475,10 @@ class _Process:
             if not ray.is_initialized():
                 raise RlinfError("channels need a running cluster: create rlinf.Cluster() first.")
             try:
-                hub = ray.get_actor(HUB_NAME, namespace=NAMESPACE)
+                hub: Any = ray.get_actor(HUB_NAME, namespace=NAMESPACE)
             except ValueError:
                 raise RlinfError("no channel hub is running: create rlinf.Cluster() first.") from None
-            self._hub = ray.get(hub.address.remote())
+            self._hub = str(ray.get(hub.address.remote()))
         return self._hub
 
     def conn(self, address: str) -> _Conn:
@@ -509,13 +506,13 @@ class _Process:
             local = self._server.take(key)
             if local is not None:
                 return list(local)
-        socks = self._local.__dict__.setdefault("fetch", {})
+        socks: dict[str, tuple[zmq.Socket, Iterator[int]]] = self._local.__dict__.setdefault("fetch", {})
         if address not in socks:
             s = self.ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.RCVHWM, 0)
             s.connect(address)
-            socks[address] = [s, itertools.count(1)]
+            socks[address] = (s, itertools.count(1))
         sock, ids = socks[address]
         req = next(ids).to_bytes(8, "little")
         sock.send_multipart([req, key.to_bytes(8, "little")])

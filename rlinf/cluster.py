@@ -102,7 +102,7 @@ class Cluster:
         from rlinf.device_lock import DeviceLockService
 
         here = NodeAffinitySchedulingStrategy(self._driver_node, soft=False)
-        hub = (
+        hub: Any = (
             ray.remote(ChannelHub)
             .options(
                 name=HUB_NAME,
@@ -114,7 +114,7 @@ class Cluster:
             )
             .remote(bind_ip())
         )
-        lock = (
+        lock: Any = (
             ray.remote(DeviceLockService)
             .options(
                 name=LOCK_NAME,

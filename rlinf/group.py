@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import sys
@@ -147,10 +148,8 @@ class WorkerGroup(Generic[W]):
         """Stops every rank's process."""
         lock = _lock_service()
         for r, host in enumerate(self.hosts):
-            try:
+            with contextlib.suppress(Exception):  # already dead
                 ray.kill(host, no_restart=True)
-            except Exception:
-                pass
             if lock is not None:
                 lock.forget.remote(f"{self.name}:{r}")
 
@@ -189,7 +188,7 @@ def launch_group(
     lock = _lock_service()
     remote_host = ray.remote(WorkerHost)
     payload = cloudpickle.dumps((cls, args))
-    hosts = []
+    hosts: list[Any] = []
     for rank, devs in enumerate(rank_devices):
         ctx_env = _env_for(devs)
         from rlinf.worker import RankContext
@@ -210,7 +209,7 @@ def launch_group(
     cluster.groups.append(group)
     refs = [h.ready.remote() for h in hosts]
     try:
-        infos = Handle(group, list(range(len(hosts))), refs, "__init__").wait()
+        infos: list[dict[str, Any]] = Handle(group, list(range(len(hosts))), refs, "__init__").wait()
     except BaseException:
         group.kill()
         cluster.groups.remove(group)
@@ -218,8 +217,12 @@ def launch_group(
     group.info = infos
     master = (infos[0]["ip"], infos[0]["port"])
     ray.get([h.configure.remote(master) for h in hosts])
-    ray.get([lock.register.remote([d.key for d in devs], f"{group_name}:{r}", h) for r, (h, devs) in
-             enumerate(zip(hosts, rank_devices, strict=True))])
+    ray.get(
+        [
+            lock.register.remote([d.key for d in devs], f"{group_name}:{r}", h)
+            for r, (h, devs) in enumerate(zip(hosts, rank_devices, strict=True))
+        ]
+    )
     return group
 
 

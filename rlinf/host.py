@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import socket
@@ -14,7 +15,7 @@ from typing import Any
 
 from rlinf import channel
 from rlinf.trace import Span, tracer
-from rlinf.worker import RankContext, Worker, _Runtime, _set_runtime, host_label
+from rlinf.worker import RankContext, _Runtime, _set_runtime, host_label
 
 # (ok, value or (error, traceback), start, end): kept a plain tuple, it crosses Ray for every call.
 Outcome = tuple[bool, Any, float, float]
@@ -49,7 +50,7 @@ class WorkerHost:
             worker = cls.__new__(cls)
             worker.rank, worker.world_size, worker.devices = ctx.rank, ctx.world_size, ctx.devices
             worker.group_name = ctx.group
-            worker.__init__(*args)  # type: ignore[misc]
+            worker.__init__(*args)
             self._rt.worker = worker
         except BaseException as e:
             self._init_error = (f"{type(e).__name__}: {e}", traceback.format_exc())
@@ -115,7 +116,5 @@ def _pin(ctx: RankContext) -> None:
     if cores:
         os.sched_setaffinity(0, cores)
         torch.set_num_threads(len(cores))
-        try:
+        with contextlib.suppress(RuntimeError):  # already set in this process
             torch.set_num_interop_threads(1)
-        except RuntimeError:
-            pass  # already set in this process

@@ -33,7 +33,7 @@ class _Pickler(cloudpickle.Pickler):
             if t.device.type != "cpu":
                 t = t.cpu()  # consumers receive CPU tensors and move them where they compute
             t = t.resolve_conj().resolve_neg().contiguous()
-            raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8)
+            raw: Any = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8)
             dtype = str(t.dtype).removeprefix("torch.")
             return _rebuild_tensor, (pickle.PickleBuffer(raw), dtype, tuple(t.shape), obj.requires_grad)
         return super().reducer_override(obj)

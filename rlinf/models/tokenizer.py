@@ -48,7 +48,11 @@ def default_corpus() -> list[str]:
     """The training text: math task prompts and answers in both formats, plus general filler."""
     from rlinf.envs.math_task import tokenizer_corpus  # the task generates the text the models see
 
-    return list(_FILLER) + tokenizer_corpus()
+    lines = list(_FILLER)
+    for i, text in enumerate(tokenizer_corpus()):
+        # Every other line in chat form, so role names become whole tokens.
+        lines.append(f"system\nuser\n{text}\nassistant\n" if i % 2 else text)
+    return lines
 
 
 def train_tokenizer(

@@ -1,0 +1,204 @@
+"""Channels between real worker processes and the driver."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from rlinf import Channel, ChannelClosed, Worker
+
+
+class Producer(Worker):
+    def produce(self, ch: Channel, n: int, start: int) -> int:
+        for i in range(start, start + n):
+            ch.put(i, version=self.rank)
+        return n
+
+    def produce_tensors(self, ch: Channel, sizes: list[int]) -> list[float]:
+        sums = []
+        for i, n in enumerate(sizes):
+            t = torch.arange(n, dtype=torch.float32) + i
+            sums.append(float(t.sum()))
+            ch.put({"i": i, "t": t, "np": np.full(n // 4 + 1, i, dtype=np.int16)}, version=7)
+        return sums
+
+    def held_items(self) -> int:
+        from rlinf.channel import _process
+
+        server = _process()._server
+        return 0 if server is None else len(server)
+
+
+class Consumer(Worker):
+    def consume(self, ch: Channel, delay: float = 0.0) -> list[int]:
+        out = []
+        for x in ch:
+            out.append(x)
+            if delay:
+                time.sleep(delay)
+        return out
+
+    def consume_tensors(self, ch: Channel) -> list[tuple[int, float, bool, int]]:
+        out = []
+        for item in ch.items():
+            p = item.payload
+            ok = bool((torch.from_numpy(p["np"].astype(np.int64)) == p["i"]).all())
+            out.append((p["i"], float(p["t"].sum()), ok, item.meta.version))
+        return out
+
+    def consume_async(self, ch: Channel) -> list[int]:
+        async def run() -> list[int]:
+            return [x async for x in ch]
+
+        return asyncio.run(run())
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+
+def test_4_producers_4_consumers_10000_items_each(fresh_groups):
+    cluster = fresh_groups
+    ch = Channel("many", maxsize=512)
+    producers = Producer.launch(cluster, [0, 1, 0, 1], name="producers")
+    consumers = Consumer.launch(cluster, [0, 1, 0, 1], name="consumers")
+    n = 10_000
+    got = consumers.call(Consumer.consume, ch)
+    # each producer rank r puts r*n .. r*n+n-1
+    handles = [producers.on(r).call(Producer.produce, ch, n, r * n) for r in range(4)]
+    assert [h.wait()[0] for h in handles] == [n] * 4
+    ch.close()
+    results = got.wait(timeout=300)
+    everything = [x for part in results for x in part]
+    counts = collections.Counter(everything)
+    assert len(everything) == 4 * n, "items lost or duplicated"
+    assert set(counts) == set(range(4 * n)) and max(counts.values()) == 1
+    assert all(len(part) > 0 for part in results), "every consumer takes part"
+    for part in results:  # FIFO: each producer's items reach any one consumer in order
+        for r in range(4):
+            mine = [x for x in part if r * n <= x < (r + 1) * n]
+            assert mine == sorted(mine)
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def test_full_channel_blocks_producer_and_memory_stays_bounded(fresh_groups):
+    cluster = fresh_groups
+    ch = Channel("bounded", maxsize=4)
+    producer = Producer.launch(cluster, [0], name="big-producer")
+    consumer = Consumer.launch(cluster, [1], name="slow-consumer")
+    pid = producer.info[0]["pid"]
+    base = _rss_mb(pid)
+    sizes = [1 << 20] * 40  # 4 MiB of float32 per item (160 MiB in all), sent by direct fetch
+    h = producer.call(Producer.produce_tensors, ch, sizes)
+    time.sleep(2.0)
+    stats = ch.stats()
+    assert stats["size"] <= 4 and stats["blocked_producers"] == 1, stats
+    assert not h.done(), "the producer must block while nobody consumes"
+    # at most 4 queued + 1 blocked item (~20 MiB) stay alive in the producer, not 160 MiB
+    assert _rss_mb(pid) - base < 60
+    got = consumer.call(Consumer.consume_tensors, ch)
+    sums = h.wait(timeout=120)[0]
+    ch.close()
+    out = got.wait(timeout=120)[0]
+    assert [o[0] for o in out] == list(range(40))
+    assert [o[1] for o in out] == sums
+    assert all(o[2] for o in out) and all(o[3] == 7 for o in out)
+    assert producer.call(Producer.held_items).wait()[0] == 0
+
+
+def test_close_ends_iteration_for_every_consumer(fresh_groups):
+    ch = Channel("closing", maxsize=8)
+    consumers = Consumer.launch(fresh_groups, [0, 1, 0], name="waiters")
+    h = consumers.call(Consumer.consume, ch)
+    time.sleep(1.0)
+    for i in range(5):
+        ch.put(i)
+    ch.close()
+    parts = h.wait(timeout=30)
+    assert sorted(x for p in parts for x in p) == list(range(5))
+    with pytest.raises(ChannelClosed):
+        ch.put(99)
+    with pytest.raises(ChannelClosed):
+        ch.get()
+
+
+def test_async_consumer_and_driver_side_use(fresh_groups):
+    ch = Channel("async", maxsize=3)
+    consumer = Consumer.launch(fresh_groups, [1], name="async-consumer")
+    h = consumer.call(Consumer.consume_async, ch)
+    for i in range(20):
+        ch.put({"i": i, "x": torch.ones(3) * i})
+    ch.close()
+    out = h.wait(timeout=60)[0]
+    assert [o["i"] for o in out] == list(range(20))
+    assert all(torch.equal(o["x"], torch.ones(3) * o["i"]) for o in out)
+
+
+def test_metadata_and_get_batch_weights(cluster):
+    ch = Channel("meta", maxsize=0)
+    t0 = time.time()
+    for w in [1, 2, 3, 4]:
+        ch.put(f"w{w}", version=5, weight=w)
+    item = ch.get_item()
+    assert item.payload == "w1"
+    assert item.meta.version == 5 and item.meta.producer == "driver" and item.meta.rank == -1
+    assert t0 <= item.meta.put_time <= item.meta.get_time <= time.time()
+    # weights 2 + 3 = 5 >= 4: the batch stops there
+    assert ch.get_batch(4) == ["w2", "w3"]
+    ch.put("w5", weight=5)
+    # elastic: at least 1, up to 9 of what has arrived -> 4 + 5
+    assert ch.get_batch(1, max_weight=9) == ["w4", "w5"]
+    ch.close()
+    assert ch.get_batch(1) == []
+    with pytest.raises(ValueError, match="weight must be > 0"):
+        ch.get_batch(0)
+
+
+def test_get_timeout_loses_nothing(cluster):
+    ch = Channel("timeouts", maxsize=1)
+    with pytest.raises(TimeoutError):
+        ch.get(timeout=0.2)
+    ch.put("a")
+    with pytest.raises(TimeoutError):
+        ch.put("b", timeout=0.2)  # full: not delivered
+    assert ch.get(timeout=5) == "a"
+    assert ch.qsize() == 0
+
+
+def test_async_cancel_loses_nothing(cluster):
+    ch = Channel("cancel", maxsize=0)
+
+    async def scenario() -> list:
+        waiter = asyncio.ensure_future(ch.aget())
+        await asyncio.sleep(0.1)
+        waiter.cancel()
+        await ch.aput("kept")
+        await asyncio.sleep(0.2)
+        return [await ch.aget()]
+
+    assert asyncio.run(scenario()) == ["kept"]
+
+
+def test_channel_by_name_is_shared_and_bad_args_rejected(cluster):
+    a = Channel("shared-name", maxsize=2)
+    b = Channel("shared-name")
+    a.put(1)
+    assert b.get() == 1
+    with pytest.raises(ValueError, match="maxsize must be >= 0"):
+        Channel("x", maxsize=-1)
