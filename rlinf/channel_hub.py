@@ -106,8 +106,8 @@ class ChannelHub:
                 return None
             chan.queue.append((weight, rest[1:]))
             chan.puts += 1
+            self._serve(chan)  # a waiting consumer gets the item before the producer gets its ack
             self._send(ident, req, OK)
-            self._serve(chan)
         elif op == b"GET":
             max_items = _U32.unpack(rest[0].bytes)[0]
             min_w, max_w = _F64.unpack(rest[1].bytes)[0], _F64.unpack(rest[2].bytes)[0]

@@ -21,19 +21,27 @@ class DeviceLockService:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._resident: defaultdict[str, dict[str, Any]] = defaultdict(dict)  # key -> holder -> host
         self._holder: dict[str, str] = {}
+        self._registered: defaultdict[str, dict[str, Any]] = defaultdict(dict)  # key -> holder -> host
 
     async def ping(self) -> bool:
         return True
 
     async def register(self, keys: list[str], holder: str, host: Any) -> None:
-        """Records ``holder`` as resident on ``keys`` (a freshly launched rank holds its state)."""
+        """Records ``holder`` as resident on ``keys`` (a freshly launched rank holds its state).
+
+        Ranks alone on their devices skip this service entirely; once a second component
+        registers on a device, every rank there is told to go through the lock from then on.
+        """
         for k in keys:
             self._resident[k][holder] = host
+            self._registered[k][holder] = host
+        sharing = {h: handle for k in keys if len(self._registered[k]) > 1 for h, handle in self._registered[k].items()}
+        await asyncio.gather(*(handle.mark_shared.remote() for handle in sharing.values()))
 
     async def forget(self, holder: str) -> None:
         """Drops a rank that has exited."""
-        for residents in self._resident.values():
-            residents.pop(holder, None)
+        for table in (*self._resident.values(), *self._registered.values()):
+            table.pop(holder, None)
 
     async def acquire(self, keys: list[str], holder: str, host: Any) -> dict[str, float]:
         """Waits for every key (in sorted order, so overlapping requests cannot deadlock), then

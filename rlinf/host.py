@@ -93,6 +93,9 @@ class WorkerHost:
     def offload_for_handover(self) -> float:
         return self._rt.offload_for_handover()
 
+    def mark_shared(self) -> None:
+        self._rt.mark_shared()
+
     def trace(self) -> tuple[list[Span], int]:
         t = tracer()
         return t.drain(), t.dropped

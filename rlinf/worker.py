@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -109,9 +110,9 @@ class _Runtime:
         self.switch_s: list[float] = []
         self._pg: Any = None
         self._holder = f"{ctx.group}:{ctx.rank}"
-        import threading
-
         self.residency = threading.RLock()
+        self.shared = False  # set once another component is placed on one of this rank's devices
+        self.local_lock = threading.Lock()
 
     def dist_group(self) -> Any:
         import torch.distributed as dist
@@ -133,6 +134,12 @@ class _Runtime:
     def device_lock(self) -> Iterator[None]:
         import ray
 
+        if not self.shared:
+            with self.local_lock:  # alone on these devices: no round trip to the lock service
+                if not self.shared:
+                    self.ensure_resident()
+                    yield
+                    return
         keys = [d.key for d in self.ctx.devices]
         start = time.time()
         ray.get(self.lock_service.acquire.remote(keys, self._holder, self.host))
@@ -151,6 +158,10 @@ class _Runtime:
                 with tracer().span("onload", "onload"):
                     self.worker.onload()
                 self.resident = True
+
+    def mark_shared(self) -> None:
+        with self.local_lock:  # returns once a section that skipped the lock service has ended
+            self.shared = True
 
     def offload_for_handover(self) -> float:
         start = time.perf_counter()

@@ -1,0 +1,214 @@
+"""Channel throughput and latency against raw Ray object store and raw pyzmq, side by side.
+
+Two workers pinned to the two CPU slots exchange float32 tensors of 64 KB, 1 MB and 8 MB:
+    rlinf    Channel.put in one worker, Channel.get in the other
+    ray      ray.put (numpy, its zero-copy case) in one worker, ray.get of the refs in the other
+    pyzmq    PUSH/PULL with zero-copy frames between the same two processes
+and a small item makes round trips (A -> B -> A): rlinf over two channels vs a pyzmq PAIR socket
+and a plain Ray actor call. Every number is the median of --repeats runs.
+
+    python benchmarks/channel_throughput.py [--repeats 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+import zmq
+
+from rlinf import Channel, Cluster, Worker
+from rlinf.cluster import bind_ip
+
+SIZES = {"64 KB": 64 << 10, "1 MB": 1 << 20, "8 MB": 8 << 20}
+TOTAL_BYTES = 256 << 20  # per run and size, so each run moves the same amount
+
+
+def count_for(nbytes: int) -> int:
+    return max(20, min(2000, TOTAL_BYTES // nbytes))
+
+
+class Bench(Worker):
+    """Hosts both ends of every transport; methods are the producer or consumer side."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context.instance()
+        self.sock: Any = None
+
+    # ---- rlinf channel ----
+    def channel_send(self, ch: Channel, nbytes: int, n: int) -> float:
+        start = time.time()
+        for i in range(n):
+            ch.put(torch.full((nbytes // 4,), float(i)))
+        return start
+
+    def channel_recv(self, ch: Channel, n: int) -> float:
+        for _ in range(n):
+            t = ch.get()
+            _ = float(t[-1])  # touch the data
+        return time.time()
+
+    # ---- raw ray object store ----
+    def ray_send(self, nbytes: int, n: int) -> tuple[float, list[Any]]:
+        start = time.time()
+        refs = [ray.put(np.full(nbytes // 4, float(i), dtype=np.float32)) for i in range(n)]
+        return start, refs
+
+    def ray_recv(self, refs: list[Any]) -> float:
+        for r in refs:
+            a = ray.get(r)
+            _ = float(a[-1])
+        return time.time()
+
+    # ---- raw pyzmq ----
+    def zmq_bind(self, kind: int) -> str:
+        self.sock = self.ctx.socket(kind)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        port = self.sock.bind_to_random_port(f"tcp://{bind_ip()}")
+        return f"tcp://{bind_ip()}:{port}"
+
+    def zmq_connect(self, kind: int, address: str) -> None:
+        self.sock = self.ctx.socket(kind)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+
+    def zmq_send(self, nbytes: int, n: int) -> float:
+        self.sock.send(b"ready?")  # PAIR handshake so no message is sent before the peer listens
+        self.sock.recv()
+        start = time.time()
+        for i in range(n):
+            self.sock.send(np.full(nbytes // 4, float(i), dtype=np.float32), copy=False)
+        return start
+
+    def zmq_recv(self, n: int) -> float:
+        self.sock.recv()
+        self.sock.send(b"go")
+        for _ in range(n):
+            frame = self.sock.recv(copy=False)
+            a = np.frombuffer(frame.buffer, dtype=np.float32)
+            _ = float(a[-1])
+        return time.time()
+
+    # ---- latency ----
+    def channel_ping(self, out: Channel, back: Channel, n: int) -> list[float]:
+        times = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            out.put(i)
+            back.get()
+            times.append(time.perf_counter() - t0)
+        return times
+
+    def channel_pong(self, inp: Channel, back: Channel, n: int) -> int:
+        for _ in range(n):
+            back.put(inp.get())
+        return n
+
+    def zmq_ping(self, n: int) -> list[float]:
+        times = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            self.sock.send(i.to_bytes(8, "little"))
+            self.sock.recv()
+            times.append(time.perf_counter() - t0)
+        return times
+
+    def zmq_pong(self, n: int) -> int:
+        for _ in range(n):
+            self.sock.send(self.sock.recv())
+        return n
+
+    def echo(self, x: int) -> int:
+        return x
+
+
+def throughput(a: Any, b: Any, transport: str, nbytes: int, run: int) -> float:
+    """MB/s from the producer's first send to the consumer's last receive."""
+    n = count_for(nbytes)
+    if transport == "rlinf":
+        ch = Channel(f"bench-{nbytes}-{run}", maxsize=16)
+        hr = b.call(Bench.channel_recv, ch, n)
+        start = a.call(Bench.channel_send, ch, nbytes, n).wait()[0]
+        end = hr.wait()[0]
+    elif transport == "ray":
+        start, refs = a.call(Bench.ray_send, nbytes, n).wait()[0]
+        end = b.call(Bench.ray_recv, refs).wait()[0]
+    else:
+        address = b.call(Bench.zmq_bind, zmq.PAIR).wait()[0]
+        a.call(Bench.zmq_connect, zmq.PAIR, address).wait()
+        hr = b.call(Bench.zmq_recv, n)
+        start = a.call(Bench.zmq_send, nbytes, n).wait()[0]
+        end = hr.wait()[0]
+    return n * nbytes / (end - start) / 1e6
+
+
+def round_trip_us(a: Any, b: Any, transport: str, n: int, run: int) -> float:
+    if transport == "rlinf":
+        out, back = Channel(f"ping-{run}", maxsize=4), Channel(f"pong-{run}", maxsize=4)
+        hb = b.call(Bench.channel_pong, out, back, n)
+        times = a.call(Bench.channel_ping, out, back, n).wait()[0]
+        hb.wait()
+    elif transport == "pyzmq":
+        address = b.call(Bench.zmq_bind, zmq.PAIR).wait()[0]
+        a.call(Bench.zmq_connect, zmq.PAIR, address).wait()
+        hb = b.call(Bench.zmq_pong, n)
+        times = a.call(Bench.zmq_ping, n).wait()[0]
+        hb.wait()
+    else:  # a plain Ray actor call from the driver, for reference
+        times = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            b.call(Bench.echo, i).wait()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[n // 10 :]) * 1e6  # skip warm-up
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pings", type=int, default=2000)
+    parser.add_argument("--json", default=None, help="also write the numbers to this file")
+    args = parser.parse_args()
+
+    with Cluster() as cluster:
+        a = Bench.launch(cluster, [0], name="bench-a")
+        b = Bench.launch(cluster, [1], name="bench-b")
+        results: dict[str, Any] = {"throughput_MBps": {}, "round_trip_us": {}, "repeats": args.repeats}
+        for label, nbytes in SIZES.items():
+            runs: dict[str, list[float]] = {"rlinf": [], "ray": [], "pyzmq": []}
+            for r in range(args.repeats):
+                for transport in runs:  # interleaved, so drift on a shared machine hits all alike
+                    runs[transport].append(throughput(a, b, transport, nbytes, r))
+            results["throughput_MBps"][label] = {k: statistics.median(v) for k, v in runs.items()}
+            print(f"  {label}: " + ", ".join(f"{k} {statistics.median(v):.0f} MB/s" for k, v in runs.items()))
+        lat: dict[str, list[float]] = {"rlinf": [], "pyzmq": [], "ray actor call": []}
+        for r in range(args.repeats):
+            for transport in lat:
+                n = args.pings if transport != "ray actor call" else max(200, args.pings // 5)
+                lat[transport].append(round_trip_us(a, b, transport, n, r))
+        results["round_trip_us"] = {k: statistics.median(v) for k, v in lat.items()}
+
+    print()
+    print(f"Channel throughput, MB/s (median of {args.repeats} runs; two workers on two CPU slots)")
+    print(f"{'payload':<8} {'rlinf':>9} {'raw Ray':>9} {'raw pyzmq':>10} {'rlinf / faster raw':>20}")
+    for label, row in results["throughput_MBps"].items():
+        best = max(row["ray"], row["pyzmq"])
+        print(f"{label:<8} {row['rlinf']:>9.0f} {row['ray']:>9.0f} {row['pyzmq']:>10.0f} {row['rlinf'] / best:>19.2f}x")
+    rt = results["round_trip_us"]
+    print()
+    print("Small-item round trip A -> B -> A, microseconds (median)")
+    print(f"  rlinf channels {rt['rlinf']:.0f}   raw pyzmq {rt['pyzmq']:.0f}   Ray actor call {rt['ray actor call']:.0f}")
+    print(f"  rlinf / raw pyzmq = {rt['rlinf'] / rt['pyzmq']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
