@@ -203,7 +203,9 @@ def main() -> None:
     rt = results["round_trip_us"]
     print()
     print("Small-item round trip A -> B -> A, microseconds (median)")
-    print(f"  rlinf channels {rt['rlinf']:.0f}   raw pyzmq {rt['pyzmq']:.0f}   Ray actor call {rt['ray actor call']:.0f}")
+    print(
+        f"  rlinf channels {rt['rlinf']:.0f}   raw pyzmq {rt['pyzmq']:.0f}   Ray actor call {rt['ray actor call']:.0f}"
+    )
     print(f"  rlinf / raw pyzmq = {rt['rlinf'] / rt['pyzmq']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:

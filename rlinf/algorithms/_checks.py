@@ -58,12 +58,12 @@ def ndim(name: str, t: Tensor, expected: int, layout: str) -> None:
         )
 
 
-def positive_int(name: str, value: object, minimum: int = 1) -> int:
+def positive_int(name: str, value: int, minimum: int = 1) -> int:
     """Returns ``value`` as an int, raising ``ValueError`` if it is not an integer >= ``minimum``."""
     if isinstance(value, bool):
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum}, not a bool.")
     try:
-        n = operator.index(value)  # type: ignore[call-overload]
+        n = operator.index(value)
     except TypeError:
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum}; pass an int.") from None
     if n < minimum:

@@ -84,8 +84,8 @@ def token_kl(
     """
     logprobs, ref_logprobs = _pair(logprobs, ref_logprobs)
     _checks.choice("estimator", estimator, KL_ESTIMATORS)
-    if mask is not None:
-        m = _checks.as_mask("mask", mask, logprobs, "logprobs")
+    m = None if mask is None else _checks.as_mask("mask", mask, logprobs, "logprobs")
+    if m is not None:
         # Padding log-probs may be -inf; zero them before the estimator so no nan appears.
         logprobs, ref_logprobs = zero_invalid(logprobs, m), zero_invalid(ref_logprobs, m)
     if estimator == "k1":
@@ -94,7 +94,7 @@ def token_kl(
         kl = kl_k2(logprobs, ref_logprobs)
     else:
         kl = kl_k3(logprobs, ref_logprobs)
-    return kl if mask is None else zero_invalid(kl, m)
+    return kl if m is None else zero_invalid(kl, m)
 
 
 def _pair(logprobs: Tensor, ref_logprobs: Tensor) -> tuple[Tensor, Tensor]:
