@@ -49,12 +49,12 @@ def same_shape(*named: tuple[str, Tensor]) -> None:
             )
 
 
-def ndim(name: str, t: Tensor, expected: int, layout: str) -> None:
+def ndim(name: str, t: Tensor, expected: int, layout: str, fix: str = "") -> None:
     """Raises ``ValueError`` unless ``t`` has ``expected`` dimensions."""
     if t.dim() != expected:
         raise ValueError(
             f"{name} has shape {tuple(t.shape)} ({t.dim()} dims) but must be {expected}-D {layout}; "
-            f"reshape it to {layout}."
+            f"{fix or 'reshape it to ' + layout}."
         )
 
 

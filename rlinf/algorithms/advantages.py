@@ -118,7 +118,7 @@ def returns_to_go(token_rewards: Tensor, mask: Tensor, *, gamma: float = 1.0) ->
     token_rewards = _checks.floating("token_rewards", token_rewards)
     _checks.ndim("token_rewards", token_rewards, 2, "[B, T]")
     m = _checks.as_mask("mask", mask, token_rewards, "token_rewards")
-    gamma = _checks.in_range("gamma", gamma, 0.0, 1.0)
+    gamma = _checks.in_range("gamma", gamma, 0.0, 1.0, "It is a per-token discount, usually 1.0.")
     running = torch.zeros_like(token_rewards[:, 0])
     out = []
     for t in reversed(range(token_rewards.shape[1])):
@@ -187,8 +187,8 @@ def gae(
     term = _checks.as_mask("terminated", terminated, rewards, "rewards")
     trunc = _checks.as_mask("truncated", truncated, rewards, "rewards")
     _checks.same_shape(("rewards", rewards), ("values", values), ("next_values", next_values))
-    gamma = _checks.in_range("gamma", gamma, 0.0, 1.0)
-    lam = _checks.in_range("lam", lam, 0.0, 1.0)
+    gamma = _checks.in_range("gamma", gamma, 0.0, 1.0, "It is a per-step discount, e.g. 0.99.")
+    lam = _checks.in_range("lam", lam, 0.0, 1.0, "It is the GAE lambda, e.g. 0.95.")
 
     zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
     bootstrap = torch.where(term, zero, next_values)
@@ -237,8 +237,8 @@ def token_gae(
     _checks.ndim("token_rewards", token_rewards, 2, "[B, T]")
     _checks.same_shape(("token_rewards", token_rewards), ("values", values))
     m = _checks.as_mask("mask", mask, token_rewards, "token_rewards")
-    gamma = _checks.in_range("gamma", gamma, 0.0, 1.0)
-    lam = _checks.in_range("lam", lam, 0.0, 1.0)
+    gamma = _checks.in_range("gamma", gamma, 0.0, 1.0, "It is a per-token discount, usually 1.0.")
+    lam = _checks.in_range("lam", lam, 0.0, 1.0, "It is the GAE lambda, e.g. 0.95.")
     # Padding may hold anything (even nan); it must not leak into the recursion.
     token_rewards, values = zero_invalid(token_rewards, m), zero_invalid(values, m)
 

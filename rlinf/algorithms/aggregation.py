@@ -55,7 +55,9 @@ def aggregate_loss(
         )
     if mode == "token-mean":
         return masked_mean(losses, m)
-    _checks.ndim("losses", losses, 2, "[B, T] (sequences x tokens)")
+    _checks.ndim(
+        "losses", losses, 2, f"[B, T] (sequences x tokens) for mode={mode!r}", "reshape it, or use mode='token-mean'"
+    )
     if mode == "seq-mean-token-mean":
         per_seq = masked_mean(losses, m, dim=1)
     else:

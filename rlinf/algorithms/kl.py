@@ -5,7 +5,8 @@ With ``log_r = ref_logprobs - logprobs`` (the log of reference over policy proba
 - ``k1 = -log_r``: unbiased, high variance, can be negative per token.
 - ``k2 = 0.5 * log_r**2``: biased but low variance, never negative. As a loss its gradient, on
   policy samples, is in expectation the gradient of KL(policy || reference).
-- ``k3 = exp(log_r) - log_r - 1``: unbiased and never negative, low variance near the reference.
+- ``k3 = exp(log_r) - log_r - 1``: unbiased (before its clamp) and never negative, low variance
+  near the reference.
 
 Used as a reward penalty, detach the result (``shaped_token_rewards`` expects a plain tensor);
 used as a loss term, keep the graph and aggregate it like any per-token loss.

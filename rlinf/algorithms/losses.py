@@ -319,9 +319,11 @@ def _clipped_surrogate(
     clipped = clipped_loss > unclipped
     if dual_clip is None:
         return loss, ratio, clipped, torch.zeros_like(clipped)
-    dual_clip = _checks.in_range("dual_clip", dual_clip, 1.0, float("inf"), "Use e.g. 3.0, or None.")
-    if dual_clip == 1.0:
-        raise ValueError("dual_clip=1.0 must be greater than 1 (the ratio's own clip sits near 1); try 3.0.")
+    if not float(dual_clip) > 1.0:
+        raise ValueError(
+            f"dual_clip={dual_clip!r} must be greater than 1: it caps the loss of negative-advantage tokens "
+            "at dual_clip * |A|, above where the ratio clip already acts. Try 3.0, or None to disable it."
+        )
     bound = -advantages * dual_clip
     dual = (advantages < 0) & (loss > bound)
     return torch.where(dual, bound, loss), ratio, clipped, dual
@@ -353,6 +355,8 @@ def _preference_inputs(
     ]
     _checks.ndim(*named[0], 1, "[B] (one summed log-prob per sequence)")
     _checks.same_shape(*named)
+    if named[0][1].numel() == 0:
+        raise ValueError("chosen_logprobs is empty; pass at least one preference pair.")
     (_, c), (_, r), (_, rc), (_, rr) = named
     return c - rc, r - rr
 

