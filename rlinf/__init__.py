@@ -42,7 +42,25 @@ _EXPORTS = {
     "Worker": "rlinf.worker",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Channel",
+    "ChannelClosed",
+    "Cluster",
+    "ComponentPlacement",
+    "ConfigError",
+    "Device",
+    "Handle",
+    "Item",
+    "ItemMeta",
+    "Placement",
+    "PlacementConfig",
+    "PlacementError",
+    "Worker",
+    "WorkerDiedError",
+    "WorkerError",
+    "WorkerGroup",
+    "load_config",
+]
 __version__ = "0.1.0"
 
 

