@@ -63,7 +63,8 @@ class Cluster:
                 log_to_driver=True,
             )
             if self.embedded:
-                kwargs["num_cpus"] = os.cpu_count() or 1
+                # "local" always starts a fresh instance, even if `ray start` left a cluster address behind
+                kwargs.update(address="local", num_cpus=os.cpu_count() or 1)
             else:
                 kwargs["address"] = address
             ray.init(**kwargs)
