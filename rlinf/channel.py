@@ -27,7 +27,7 @@ import zmq
 import zmq.asyncio
 
 from rlinf import serialization
-from rlinf.channel_hub import CANCELLED, CLOSED, ITEMS, NOCHAN, OK
+from rlinf.channel_hub import CANCELLED, CLOSED, ITEMS, NOCHAN, OK, bind_endpoint, connect_address
 from rlinf.errors import ChannelClosed, RlinfError
 from rlinf.trace import tracer
 
@@ -423,8 +423,7 @@ class DataServer:
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
-        port = sock.bind_to_random_port(f"tcp://{ip}")
-        self.address = f"tcp://{ip}:{port}"
+        self.address = bind_endpoint(sock, ip, "data")
         self._sock = sock
         threading.Thread(target=self._serve, name="rlinf-data-server", daemon=True).start()
 
@@ -484,13 +483,13 @@ class _Process:
     def conn(self, address: str) -> _Conn:
         conns = self._local.__dict__.setdefault("conns", {})
         if address not in conns:
-            conns[address] = _Conn(self.ctx, address)
+            conns[address] = _Conn(self.ctx, connect_address(address))
         return conns[address]
 
     def aconn(self, address: str) -> _AsyncConn:
         key = (id(asyncio.get_running_loop()), address)
         if key not in self._aconns:
-            self._aconns[key] = _AsyncConn(self.actx, address)
+            self._aconns[key] = _AsyncConn(self.actx, connect_address(address))
         return self._aconns[key]
 
     def data_server(self) -> DataServer:
@@ -511,7 +510,7 @@ class _Process:
             s = self.ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.RCVHWM, 0)
-            s.connect(address)
+            s.connect(connect_address(address))
             socks[address] = (s, itertools.count(1))
         sock, ids = socks[address]
         req = next(ids).to_bytes(8, "little")
