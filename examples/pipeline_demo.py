@@ -19,11 +19,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from textwrap import indent
 
 import torch
 
 from rlinf import Channel, Cluster, Placement, Worker
 from rlinf.config import load_config
+from rlinf.timeline import format_summary, plot_gantt, stage_summary
 
 
 @dataclass(frozen=True)
@@ -103,8 +105,11 @@ def run(cluster: Cluster, cfg: DemoConfig, placement: Placement, tag: str) -> fl
     if switches:  # only components that share devices go through the cluster-wide lock
         median_ms = 1e3 * sorted(switches)[len(switches) // 2]
         print(f"  shared-device lock acquisitions: {len(switches)}, median {median_ms:.2f} ms (wait + switch)")
-    trace = cluster.write_trace(Path(cfg.run_dir) / f"trace-{tag}.json")
-    print(f"  trace: {trace}\n")
+    tracks = cluster.collect_tracks()
+    trace = cluster.write_trace(Path(cfg.run_dir) / f"trace-{tag}.json", tracks)
+    print(indent(format_summary(stage_summary(tracks)), "  "))
+    gantt = plot_gantt(tracks, Path(cfg.run_dir) / f"timeline-{tag}.png")
+    print(f"  trace: {trace}  (open in https://ui.perfetto.dev)\n  timeline: {gantt}\n")
     for group in (gen, train):
         group.kill()
         cluster.groups.remove(group)

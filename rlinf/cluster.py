@@ -132,12 +132,16 @@ class Cluster:
 
     # ---- trace ---------------------------------------------------------------------------------
 
-    def write_trace(self, path: str | os.PathLike[str]) -> Path:
-        """Collects the spans of the driver and every rank launched so far into one Chrome trace."""
+    def collect_tracks(self) -> list[Track]:
+        """Takes the spans recorded so far by the driver and every live rank (one track each)."""
         tracks = [Track("driver", tracer().drain())]
         for group in self.groups:
             tracks += group.collect_trace()
-        return write_chrome_trace(path, tracks)
+        return tracks
+
+    def write_trace(self, path: str | os.PathLike[str], tracks: list[Track] | None = None) -> Path:
+        """Writes one Chrome trace (opens in Perfetto) of ``tracks``, by default freshly collected."""
+        return write_chrome_trace(path, self.collect_tracks() if tracks is None else tracks)
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
