@@ -6,7 +6,10 @@ the producer's process and the consumer fetches them straight from there as zero
 so large payloads cross the machine once and never pass through the hub.
 
 ``put`` hands the item over: do not write into its tensors afterwards (as with
-``torch.multiprocessing`` queues), since a consumer may still be reading them.
+``torch.multiprocessing`` queues), since a consumer may still be reading them. While the hub has
+reported room, ``put`` returns without waiting for its acknowledgement; a put that then finds the
+channel closed is reported by the next ``put``/``flush()`` from the same thread, and a worker method
+does not return before all of its puts are acknowledged.
 """
 
 from __future__ import annotations
@@ -21,18 +24,19 @@ import time
 from array import array
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq
 import zmq.asyncio
 
 from rlinf import serialization
-from rlinf.channel_hub import CANCELLED, CLOSED, ITEMS, NOCHAN, OK, bind_endpoint, connect_address
+from rlinf.channel_hub import CANCELLED, CLOSED, GET_ARGS, ITEMS, NOCHAN, OK, bind_endpoint, connect_address
 from rlinf.errors import ChannelClosed, RlinfError
 from rlinf.trace import tracer
 
 DIRECT_BYTES = int(os.environ.get("RLINF_CHANNEL_DIRECT_BYTES", 256 * 1024))
 FETCH_TIMEOUT_S = float(os.environ.get("RLINF_CHANNEL_FETCH_TIMEOUT_S", 120))
+SEND_AHEAD = 64
 TRACE_MIN_S = 50e-6  # shorter channel waits are not recorded as spans
 _F64 = struct.Struct("<d")
 _U32 = struct.Struct("<I")
@@ -85,7 +89,7 @@ class Channel:
         self._key = name.encode()
         self._hub = _process().hub_address()
         reply = self._call(b"CREATE", [_U32.pack(maxsize)])
-        self.maxsize = _U32.unpack(reply[2].bytes)[0]
+        self.maxsize = _U32.unpack(reply.frames[0].bytes)[0]
 
     @classmethod
     def _attach(cls, name: str, maxsize: int, hub: str) -> Channel:
@@ -109,14 +113,38 @@ class Channel:
             TimeoutError: still full after ``timeout`` seconds (the item was not delivered).
         """
         frames, key = _encode(item, version, weight)
+        conn = _process().conn(self._hub)
+        self._raise_undelivered(conn)
+        rest = [_F64.pack(weight), *frames]
+        if timeout is None and conn.can_send_ahead(self._key):
+            # The hub said there is room: don't wait for this put's acknowledgement (it is read
+            # with the next reply on this socket). Saves the producer a wake-up per item.
+            conn.send_ahead(self._key, rest, key)
+            return
         start = time.time()
         try:
-            reply = self._call(b"PUT", [_F64.pack(weight), *frames], timeout)
+            reply = self._call(b"PUT", rest, timeout)
         except BaseException:
             _release(key)
             raise
         _trace_wait(f"put {self.name}", start)
-        self._check_put(reply[1].bytes, key, timeout)
+        conn.note_room(self._key, reply)
+        self._check_put(reply.status, key, timeout)
+
+    def flush(self) -> None:
+        """Waits until every put this thread made on this channel was acknowledged.
+
+        Raises:
+            ChannelClosed: some of them arrived after the channel was closed and were not delivered.
+        """
+        conn = _process().conn(self._hub)
+        conn.sync(self._key)
+        self._raise_undelivered(conn)
+
+    def _raise_undelivered(self, conn: _Conn) -> None:
+        lost = conn.undelivered.pop(self._key, 0)
+        if lost:
+            raise ChannelClosed(f"channel {self.name!r} was closed; {lost} earlier item(s) put here were not delivered")
 
     def put_many(self, items: Iterable[Any], *, version: int = 0, weight: float = 1.0) -> None:
         """Puts each item in order."""
@@ -176,14 +204,17 @@ class Channel:
 
     def close(self) -> None:
         """No more puts; consumers drain what is queued, then iteration ends."""
-        self._call(b"CLOSE", [])
+        self._call(b"CLOSE", [])  # ordered after this thread's earlier puts, which the hub has queued
+        conn = _process().conn(self._hub)
+        conn.room[self._key] = 0  # later puts from here wait for their reply, which says CLOSED
+        self._raise_undelivered(conn)
 
     def stats(self) -> dict[str, Any]:
         """Queue size, capacity, counters and waiting consumers/producers."""
         import json
 
         reply = self._call(b"STAT", [])
-        return json.loads(reply[2].bytes)
+        return json.loads(reply.frames[0].bytes)
 
     def qsize(self) -> int:
         return int(self.stats()["size"])
@@ -200,7 +231,7 @@ class Channel:
             _release(key)
             raise
         _trace_wait(f"put {self.name}", start)
-        self._check_put(reply[1].bytes, key, None)
+        self._check_put(reply.status, key, None)
 
     async def aget(self) -> Any:
         """``get`` for coroutines (cancelling it loses no item)."""
@@ -228,12 +259,12 @@ class Channel:
 
     # ---- internals -----------------------------------------------------------------------------
 
-    def _call(self, op: bytes, rest: list, timeout: float | None = None) -> list[zmq.Frame]:
+    def _call(self, op: bytes, rest: list, timeout: float | None = None) -> Reply:
         reply = _process().conn(self._hub).request(self._key, op, rest, timeout)
-        if reply[1].bytes == NOCHAN:
+        if reply.status == NOCHAN:
             raise RlinfError(f"channel {self.name!r} does not exist on the hub; create it with Channel(name).")
-        if reply[1].bytes == b"ER":
-            raise RlinfError(f"channel hub rejected {op.decode()} on {self.name!r}: {reply[2].bytes.decode()}")
+        if reply.status == b"ER":
+            raise RlinfError(f"channel hub rejected {op.decode()} on {self.name!r}: {reply.frames[0].bytes.decode()}")
         return reply
 
     def _check_put(self, status: bytes, key: int | None, timeout: float | None) -> None:
@@ -248,19 +279,18 @@ class Channel:
 
     def _get(self, max_items: int, lo: float, hi: float, timeout: float | None) -> list[Item]:
         start = time.time()
-        reply = self._call(b"GET", [_U32.pack(max_items), _F64.pack(lo), _F64.pack(hi)], timeout)
+        reply = self._call(b"GET", [GET_ARGS.pack(max_items, lo, hi)], timeout)
         _trace_wait(f"get {self.name}", start)
         return self._decode_reply(reply, timeout)
 
     async def _aget(self, max_items: int, lo: float, hi: float) -> list[Item]:
         start = time.time()
-        rest = [_U32.pack(max_items), _F64.pack(lo), _F64.pack(hi)]
-        reply = await _process().aconn(self._hub).request(self._key, b"GET", rest)
+        reply = await _process().aconn(self._hub).request(self._key, b"GET", [GET_ARGS.pack(max_items, lo, hi)])
         _trace_wait(f"get {self.name}", start)
         return self._decode_reply(reply, None)
 
-    def _decode_reply(self, reply: list[zmq.Frame], timeout: float | None) -> list[Item]:
-        status = reply[1].bytes
+    def _decode_reply(self, reply: Reply, timeout: float | None) -> list[Item]:
+        status = reply.status
         if status == CLOSED:
             return []
         if status == CANCELLED:
@@ -268,11 +298,11 @@ class Channel:
         if status != ITEMS:
             raise RlinfError(f"unexpected reply {status!r} to get on channel {self.name!r}")
         counts = array("I")
-        counts.frombytes(reply[2].bytes)
+        counts.frombytes(reply.frames[0].bytes)
         now = time.time()
-        items, i = [], 4
+        items, i = [], 2  # frames: counts, weights, then each item's frames
         for n in counts:
-            items.append(_decode(reply[i : i + n], now))
+            items.append(_decode(reply.frames[i : i + n], now))
             i += n
         return items
 
@@ -337,36 +367,121 @@ class _Conn:
         self.sock.connect(address)
         self._ids = itertools.count(1)
         self._pending: dict[bytes, bytes] = {}  # request id -> channel, for replies nobody waits for
+        # puts sent ahead and not yet known to be queued: request id -> (channel, data-server key)
+        self._ahead: dict[bytes, tuple[bytes, int | None]] = {}
+        self.room: dict[bytes, int] = {}  # per channel: free slots left by the hub's last report
+        self.undelivered: dict[bytes, int] = {}  # per channel: puts sent ahead that found it closed
 
-    def request(self, chan: bytes, op: bytes, rest: list, timeout: float | None = None) -> list[zmq.Frame]:
+    def can_send_ahead(self, chan: bytes) -> bool:
+        # At most SEND_AHEAD puts go unanswered; then one waits for a reply, which settles them all.
+        return self.room.get(chan, 0) > 0 and len(self._ahead) < SEND_AHEAD
+
+    def send_ahead(self, chan: bytes, rest: list, key: int | None) -> None:
+        req = next(self._ids).to_bytes(8, "little")
+        self._ahead[req] = (chan, key)
+        self.room[chan] -= 1
+        _send(self.sock, _head(b"PUTA", req, chan), rest)
+
+    def note_room(self, chan: bytes, reply: Reply) -> None:
+        if reply.status == OK and reply.frames:
+            self.room[chan] = _U32.unpack(reply.frames[0].bytes)[0]
+
+    def sync(self, chan: bytes) -> None:
+        """Waits until the hub has handled every put sent ahead from this socket."""
+        if self._ahead:
+            self.request(chan, b"SYNC", [])
+
+    def _take(self, got: bytes, reply: Reply) -> None:
+        """Handles a reply nobody is waiting for: a failed put sent ahead, or an abandoned get."""
+        ahead = self._ahead.pop(got, None)
+        if ahead is not None:
+            chan, key = ahead
+            self.room[chan] = 0
+            _release(key)
+            self.undelivered[chan] = self.undelivered.get(chan, 0) + 1
+            return
+        chan_of_get = self._pending.pop(got, None)
+        if chan_of_get is not None:
+            _orphan(self, chan_of_get, reply)
+
+    def _settled(self, req: bytes) -> None:
+        """The reply to ``req`` came: every put sent ahead before it was handled (one socket is FIFO)."""
+        n = int.from_bytes(req, "little")
+        for r in [r for r in self._ahead if int.from_bytes(r, "little") < n]:
+            del self._ahead[r]
+
+    def request(self, chan: bytes, op: bytes, rest: list, timeout: float | None = None) -> Reply:
         req = next(self._ids).to_bytes(8, "little")
         self._pending[req] = chan
-        self.sock.send_multipart([op, chan, req, *rest], copy=False)
+        _send(self.sock, _head(op, req, chan), rest)
         if timeout is not None and not self._wait(req, timeout):
             # Exactly one reply still comes: the items (if they raced the cancel) or CANCELLED.
-            self.sock.send_multipart([b"CANCEL", chan, next(self._ids).to_bytes(8, "little"), req])
+            _send(self.sock, _head(b"CANCEL", next(self._ids).to_bytes(8, "little"), chan), [req])
         return self._recv(req)
 
     def _wait(self, req: bytes, timeout: float) -> bool:
         """True when a reply is ready within ``timeout`` seconds."""
         return bool(self.sock.poll(max(1, int(timeout * 1000))))
 
-    def _recv(self, req: bytes) -> list[zmq.Frame]:
+    def _recv(self, req: bytes) -> Reply:
         while True:
-            msg = self.sock.recv_multipart(copy=False)
-            got = msg[0].bytes
-            chan = self._pending.pop(got, None)
+            got, reply = _parse(self.sock.recv_multipart(copy=False))
             if got == req:
-                return msg
-            if chan is not None:
-                _orphan(self, chan, msg)
+                self._pending.pop(got, None)
+                if self._ahead:
+                    self._settled(req)
+                return reply
+            self._take(got, reply)
 
 
-def _orphan(conn: _Conn, chan: bytes, msg: list[zmq.Frame]) -> None:
+class Reply(NamedTuple):
+    """The hub's answer: a status code and the frames after it."""
+
+    status: bytes
+    frames: list[zmq.Frame]
+
+
+def _head(op: bytes, req: bytes, chan: bytes) -> bytes:
+    return op.ljust(8) + req + chan
+
+
+def _parse(msg: list[zmq.Frame]) -> tuple[bytes, Reply]:
+    head = msg[0].bytes
+    return head[:8], Reply(head[8:10], msg[1:])
+
+
+def _send(sock: zmq.Socket, head: bytes, rest: list) -> None:
+    # Frames that came from zmq or hold tensor memory go zero-copy; small ones are cheaper copied.
+    sock.send_multipart([head, *rest], copy=not any(isinstance(r, (zmq.Frame, memoryview)) for r in rest))
+
+
+def flush_thread() -> None:
+    """Waits for the acknowledgement of every put this thread sent ahead, on every channel.
+
+    The worker runtime calls it when a method returns, so that a consumer or the driver that
+    closes a channel after the method has finished cannot overtake the method's last puts.
+
+    Raises:
+        ChannelClosed: some of those puts found their channel closed and were not delivered.
+    """
+    if _state is None or _state_pid != os.getpid():
+        return
+    lost = []
+    for conn in _state._local.__dict__.get("conns", {}).values():
+        if conn._ahead:
+            conn.sync(next(iter(conn._ahead.values()))[0])
+        for chan, n in list(conn.undelivered.items()):
+            lost.append(f"{n} on {chan.decode()!r}")
+        conn.undelivered.clear()
+    if lost:
+        raise ChannelClosed(f"items put here were not delivered because their channel was closed: {', '.join(lost)}")
+
+
+def _orphan(conn: _Conn, chan: bytes, reply: Reply) -> None:
     """A reply to an abandoned get: put its items back at the front so nothing is lost."""
-    if msg[1].bytes == ITEMS:
+    if reply.status == ITEMS:
         req = next(conn._ids).to_bytes(8, "little")
-        conn.sock.send_multipart([b"REQUEUE", chan, req, *msg[2:]], copy=False)
+        _send(conn.sock, _head(b"REQUEUE", req, chan), reply.frames)
         conn._pending[req] = chan
 
 
@@ -382,13 +497,13 @@ class _AsyncConn:
         self._chans: dict[bytes, bytes] = {}
         self._reader: asyncio.Task | None = None
 
-    async def request(self, chan: bytes, op: bytes, rest: list) -> list[zmq.Frame]:
+    async def request(self, chan: bytes, op: bytes, rest: list) -> Reply:
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read())
         req = next(self._ids).to_bytes(8, "little")
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._futures[req], self._chans[req] = fut, chan
-        await self.sock.send_multipart([op, chan, req, *rest], copy=False)
+        await self.sock.send_multipart([_head(op, req, chan), *rest], copy=False)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -396,21 +511,20 @@ class _AsyncConn:
                 fut.add_done_callback(lambda f: None)
                 self._futures.pop(req, None)
                 cancel = next(self._ids).to_bytes(8, "little")
-                await self.sock.send_multipart([b"CANCEL", chan, cancel, req])
+                await self.sock.send_multipart([_head(b"CANCEL", cancel, chan), req])
             raise
 
     async def _read(self) -> None:
         while True:
-            msg = await self.sock.recv_multipart(copy=False)
-            req = msg[0].bytes
+            req, reply = _parse(await self.sock.recv_multipart(copy=False))
             chan = self._chans.pop(req, None)
             fut = self._futures.pop(req, None)
             if fut is not None and not fut.done():
-                fut.set_result(msg)
-            elif chan is not None and msg[1].bytes == ITEMS:
+                fut.set_result(reply)
+            elif chan is not None and reply.status == ITEMS:
                 requeue = next(self._ids).to_bytes(8, "little")
                 self._chans[requeue] = chan
-                await self.sock.send_multipart([b"REQUEUE", chan, requeue, *msg[2:]], copy=False)
+                await self.sock.send_multipart([_head(b"REQUEUE", requeue, chan), *reply.frames], copy=False)
 
 
 class DataServer:

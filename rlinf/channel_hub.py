@@ -5,14 +5,17 @@ It runs a single zmq ROUTER loop. Items arrive as frames and leave as the same f
 not sent here at all: the item holds a reference to the producer's data server, and the
 consumer fetches them from there directly (see ``rlinf.channel``).
 
-Protocol, client (DEALER) -> hub (ROUTER); every request gets exactly one reply ``[req, status, ...]``:
-    CREATE chan req maxsize          -> OK
-    PUT    chan req weight frames... -> OK when queued (delayed while full: backpressure) | CLOSED
-    GET    chan req max_items min_w max_w -> ITEMS counts frames... (when satisfied) | CLOSED (drained)
-    CANCEL chan req target           -> the target's own reply if it already went out, else CANCELLED
-    REQUEUE chan req counts frames...-> OK (items go back to the front, e.g. after an abandoned get)
-    CLOSE  chan req                  -> OK
-    STAT   chan req                  -> STAT json
+Protocol, client (DEALER) -> hub (ROUTER). A request is ``[op(8) req(8) channel, args, frames...]``
+and gets exactly one reply ``[req(8) status(2), ...]`` (few frames: each one costs microseconds):
+    CREATE  maxsize                         -> OK maxsize
+    PUT     weight, item frames...          -> OK room, when queued (delayed while full: backpressure) | CLOSED
+    PUTA    weight, item frames...          -> nothing, when queued | CLOSED (a put sent ahead)
+    SYNC                                    -> OK, once everything sent before on this socket is handled
+    GET     max_items min_w max_w           -> ITEMS counts weights frames... (when satisfied) | CLOSED (drained)
+    CANCEL  target                          -> the target's own reply if it already went out, else CANCELLED
+    REQUEUE counts, weights, frames...      -> OK (items go back to the front, e.g. after an abandoned get)
+    CLOSE                                   -> OK
+    STAT                                    -> STAT json
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import zmq
 OK, CLOSED, ITEMS, CANCELLED, STAT, NOCHAN = b"OK", b"CL", b"IT", b"CA", b"ST", b"NC"
 _F64 = struct.Struct("<d")
 _U32 = struct.Struct("<I")
+GET_ARGS = struct.Struct("<Idd")
 
 
 @dataclass
@@ -51,7 +55,8 @@ class _Chan:
     maxsize: int
     queue: deque[tuple[float, list[zmq.Frame]]] = field(default_factory=deque)
     waiters: deque[_Waiter] = field(default_factory=deque)
-    blocked: deque[tuple[bytes, bytes, float, list[zmq.Frame]]] = field(default_factory=deque)
+    # producers' puts waiting for room: (ident, req, weight, frames, whether the put wants a reply)
+    blocked: deque[tuple[bytes, bytes, float, list[zmq.Frame], bool]] = field(default_factory=deque)
     closed: bool = False
     puts: int = 0
     gets: int = 0
@@ -83,14 +88,15 @@ class ChannelHub:
         sock = self._sock
         while True:
             msg = sock.recv_multipart(copy=False)
-            ident, op, name, req = msg[0].bytes, msg[1].bytes, msg[2].bytes, msg[3].bytes
+            ident, head = msg[0].bytes, msg[1].bytes
+            op, req, name = head[:8].rstrip(), head[8:16], head[16:]
             try:
-                self._handle(ident, op, name, req, msg[4:])
+                self._handle(ident, op, name, req, msg[2:])
             except Exception as e:  # a malformed request must not kill the hub
-                sock.send_multipart([ident, req, b"ER", repr(e).encode()])
+                sock.send_multipart([ident, req + b"ER", repr(e).encode()])
 
     def _send(self, ident: bytes, req: bytes, status: bytes, *rest: object) -> None:
-        self._sock.send_multipart([ident, req, status, *rest], copy=False)
+        self._sock.send_multipart([ident, req + status, *rest], copy=bool(not rest))
 
     def _handle(self, ident: bytes, op: bytes, name: bytes, req: bytes, rest: list[zmq.Frame]) -> None:
         if op == b"CREATE":
@@ -100,20 +106,25 @@ class ChannelHub:
         chan = self._chans.get(name)
         if chan is None:
             return self._send(ident, req, NOCHAN)
-        if op == b"PUT":
+        if op in (b"PUT", b"PUTA"):
+            # PUTA ("put ahead") is sent while the producer knows there is room: it is answered
+            # only if it fails, which saves a message and a wake-up per item.
+            reply = op == b"PUT"
             weight = _F64.unpack(rest[0].bytes)[0]
             if chan.closed:
                 return self._send(ident, req, CLOSED)
             if chan.maxsize and len(chan.queue) >= chan.maxsize:
-                chan.blocked.append((ident, req, weight, rest[1:]))
+                chan.blocked.append((ident, req, weight, rest[1:], reply))
                 return None
             chan.queue.append((weight, rest[1:]))
             chan.puts += 1
             self._serve(chan)  # a waiting consumer gets the item before the producer gets its ack
-            self._send(ident, req, OK)
+            if reply:
+                self._send(ident, req, OK, _room(chan))
+        elif op == b"SYNC":
+            self._send(ident, req, OK)  # everything this socket sent before has been handled
         elif op == b"GET":
-            max_items = _U32.unpack(rest[0].bytes)[0]
-            min_w, max_w = _F64.unpack(rest[1].bytes)[0], _F64.unpack(rest[2].bytes)[0]
+            max_items, min_w, max_w = GET_ARGS.unpack(rest[0].bytes)
             chan.waiters.append(_Waiter(ident, req, max_items, min_w, max_w))
             self._serve(chan)
         elif op == b"CANCEL":
@@ -136,7 +147,7 @@ class ChannelHub:
             self._serve(chan)
         elif op == b"CLOSE":
             chan.closed = True
-            for b_ident, b_req, _, _ in chan.blocked:
+            for b_ident, b_req, _, _, _ in chan.blocked:
                 self._send(b_ident, b_req, CLOSED)
             chan.blocked.clear()
             self._send(ident, req, OK)
@@ -177,10 +188,11 @@ class ChannelHub:
                 self._deliver(chan, w)
             admitted = False
             while chan.blocked and (not chan.maxsize or len(chan.queue) < chan.maxsize):
-                b_ident, b_req, weight, frames = chan.blocked.popleft()
+                b_ident, b_req, weight, frames, reply = chan.blocked.popleft()
                 chan.queue.append((weight, frames))
                 chan.puts += 1
-                self._send(b_ident, b_req, OK)
+                if reply:
+                    self._send(b_ident, b_req, OK, _room(chan))
                 admitted = True
             if not (admitted and chan.waiters):
                 break
@@ -198,6 +210,12 @@ class ChannelHub:
         frames = [f for _, item in w.taken for f in item]
         chan.gets += len(w.taken)
         self._send(w.ident, w.req, ITEMS, counts, weights, *frames)
+
+
+def _room(chan: _Chan) -> bytes:
+    """Free slots, sent with every put's acknowledgement so producers can send the next ones ahead."""
+    free = chan.maxsize - len(chan.queue) if chan.maxsize else 1 << 20
+    return _U32.pack(max(0, free))
 
 
 def machine_key() -> str:

@@ -82,6 +82,7 @@ class WorkerHost:
                     value = asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self._event_loop()).result()
                 else:
                     value = fn(*args, **kwargs)
+                channel.flush_thread()
                 out: Outcome = (True, value, start, time.time())
             except BaseException as e:
                 out = (False, (f"{type(e).__name__}: {e}", traceback.format_exc()), start, time.time())
