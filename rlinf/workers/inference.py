@@ -1,0 +1,129 @@
+"""Log-probs of given responses under a model: the helper the actor trains with, and InferenceWorker.
+
+``InferenceWorker`` computes reference-model log-probs for a KL penalty; GRPO with ``kl_coef=0``
+does not launch it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlinf.channel import Channel
+from rlinf.worker import Worker
+from rlinf.workers.rollout import Group, load_model, rank_share
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """Samples of several groups as padded tensors (``B`` samples, ``L`` tokens, ``R`` response tokens).
+
+    Args:
+        input_ids: ``[B, L]`` prompt then response, right-padded.
+        attention_mask: ``[B, L]`` 1 on real tokens.
+        prompt_lens: ``[B]`` prompt length of each row.
+        response_ids: ``[B, R]`` response tokens, right-padded.
+        response_mask: ``[B, R]`` true on tokens that count (failed samples have none).
+        old_logprobs: ``[B, R]`` log-probs the rollout recorded.
+        ref_logprobs: ``[B, R]`` reference log-probs, when every group has them.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    prompt_lens: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    old_logprobs: Tensor
+    ref_logprobs: Tensor | None = None
+
+
+def pack_groups(groups: Sequence[Group], pad_id: int) -> PackedBatch:
+    """Concatenates every sample of ``groups`` into right-padded tensors."""
+    rows: list[Tensor] = []
+    resp: list[Tensor] = []
+    masks: list[Tensor] = []
+    olds: list[Tensor] = []
+    refs: list[Tensor] = []
+    plens: list[int] = []
+    for g in groups:
+        lengths = g.response_mask.sum(dim=1)
+        for i in range(g.response_ids.shape[0]):
+            n = int(lengths[i])
+            rows.append(torch.cat([g.prompt_ids, g.response_ids[i, :n]]))
+            resp.append(g.response_ids[i, :n])
+            masks.append(g.response_mask[i, :n])
+            olds.append(g.logprobs[i, :n])
+            if g.ref_logprobs is not None:
+                refs.append(g.ref_logprobs[i, :n])
+            plens.append(int(g.prompt_ids.numel()))
+    width = max(1, max(r.numel() for r in rows))
+    rwidth = max(1, max(r.numel() for r in resp))
+    b = len(rows)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, width), dtype=torch.long)
+    response_ids = torch.full((b, rwidth), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((b, rwidth), dtype=torch.bool)
+    old = torch.zeros((b, rwidth), dtype=torch.float32)
+    ref = torch.zeros((b, rwidth), dtype=torch.float32) if len(refs) == b else None
+    for i in range(b):
+        input_ids[i, : rows[i].numel()] = rows[i]
+        attention[i, : rows[i].numel()] = 1
+        k = resp[i].numel()
+        response_ids[i, :k] = resp[i]
+        response_mask[i, :k] = masks[i]
+        old[i, :k] = olds[i]
+        if ref is not None:
+            ref[i, :k] = refs[i]
+    return PackedBatch(input_ids, attention, torch.tensor(plens), response_ids, response_mask, old, ref)
+
+
+def token_logprobs(model: Any, batch: PackedBatch, temperature: float) -> Tensor:
+    """Log-probs ``[B, R]`` of each response token under ``softmax(logits / temperature)``.
+
+    Only the response positions go through ``log_softmax``, so memory is ``B * R * vocab``.
+    """
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    r = batch.response_ids.shape[1]
+    # logits at position p predict token p + 1: response token t sits at prompt_len + t.
+    pos = (batch.prompt_lens[:, None] - 1 + torch.arange(r)[None, :]).clamp(max=logits.shape[1] - 1)
+    picked = logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1])).float()
+    logp = torch.log_softmax(picked / temperature, dim=-1)
+    out = logp.gather(2, batch.response_ids[:, :, None]).squeeze(2)
+    return out * batch.response_mask
+
+
+class InferenceWorker(Worker):
+    """Reference-model log-probs for a KL penalty; attaches ``ref_logprobs`` to each group.
+
+    Args:
+        model_dir: the model directory (resolved by the driver).
+        temperature: the rollout's sampling temperature.
+        dtype: parameter dtype.
+    """
+
+    def __init__(self, model_dir: str | Path, temperature: float = 1.0, dtype: str = "float32") -> None:
+        self.model, self.tokenizer = load_model(model_dir, dtype, self.device)
+        self.model.eval()
+        self.temperature = temperature
+
+    def infer(self, inp: Channel, out: Channel, num_groups: int) -> dict[str, float]:
+        """Takes this rank's share of ``num_groups`` groups, adds ``ref_logprobs`` and forwards each."""
+        mine = rank_share(num_groups, self.rank, self.world_size)
+        start, done = time.perf_counter(), 0
+        while done < mine:
+            item = inp.get_item()
+            group: Group = item.payload
+            with self.device_lock(), torch.no_grad():
+                batch = pack_groups([group], int(self.tokenizer.pad_token_id))
+                ref = token_logprobs(self.model, batch, self.temperature)
+            ref_full = torch.zeros_like(group.logprobs)
+            ref_full[:, : ref.shape[1]] = ref[:, : group.logprobs.shape[1]]
+            out.put(replace(group, ref_logprobs=ref_full), version=item.meta.version)
+            done += 1
+        return {"inference/groups": float(done), "time/inference": time.perf_counter() - start}

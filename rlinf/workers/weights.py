@@ -1,0 +1,35 @@
+"""Weight sync helpers: a versioned, detached copy of a model's weights and an in-place load."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def export_state(model: nn.Module) -> dict[str, Tensor]:
+    """Detached CPU copies of ``model``'s weights (tied weights appear under each of their names)."""
+    with torch.no_grad():
+        return {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
+
+
+def load_state_inplace(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copies ``state`` into ``model``'s existing tensors, so nothing is re-allocated or restarted.
+
+    Raises:
+        KeyError: ``state`` names a tensor the model does not have (the models differ).
+        ValueError: a tensor's shape differs from the model's.
+    """
+    own = model.state_dict()
+    with torch.no_grad():
+        for name, value in state.items():
+            if name not in own:
+                raise KeyError(
+                    f"weight {name!r} is not in the receiving model; actor and rollout must load the same "
+                    f"model (check model.path)."
+                )
+            if own[name].shape != value.shape:
+                raise ValueError(
+                    f"weight {name!r} has shape {tuple(value.shape)} but the receiving model expects "
+                    f"{tuple(own[name].shape)}; actor and rollout must load the same model."
+                )
+            own[name].copy_(value)

