@@ -21,7 +21,6 @@ import pickle
 import struct
 import threading
 import time
-from array import array
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -30,7 +29,17 @@ import zmq
 import zmq.asyncio
 
 from rlinf import serialization
-from rlinf.channel_hub import CANCELLED, CLOSED, GET_ARGS, ITEMS, NOCHAN, OK, bind_endpoint, connect_address
+from rlinf.channel_hub import (
+    CANCELLED,
+    CLOSED,
+    GET_ARGS,
+    ITEMS,
+    NOCHAN,
+    OK,
+    bind_endpoint,
+    connect_address,
+    split_batch,
+)
 from rlinf.errors import ChannelClosed, RlinfError
 from rlinf.trace import tracer
 
@@ -88,8 +97,8 @@ class Channel:
         self.name = name
         self._key = name.encode()
         self._hub = _process().hub_address()
-        reply = self._call(b"CREATE", [_U32.pack(maxsize)])
-        self.maxsize = _U32.unpack(reply.frames[0].bytes)[0]
+        reply = self._call(b"CREATE", [], args=_U32.pack(maxsize))
+        self.maxsize = _U32.unpack(reply.extra)[0]
 
     @classmethod
     def _attach(cls, name: str, maxsize: int, hub: str) -> Channel:
@@ -115,15 +124,14 @@ class Channel:
         frames, key = _encode(item, version, weight)
         conn = _process().conn(self._hub)
         self._raise_undelivered(conn)
-        rest = [_F64.pack(weight), *frames]
         if timeout is None and conn.can_send_ahead(self._key):
-            # The hub said there is room: don't wait for this put's acknowledgement (it is read
-            # with the next reply on this socket). Saves the producer a wake-up per item.
-            conn.send_ahead(self._key, rest, key)
+            # The hub said there is room: send without waiting for an answer (only a failure is
+            # answered, and read with the next reply on this socket). Saves wake-ups per item.
+            conn.send_ahead(self._key, _F64.pack(weight), frames, key)
             return
         start = time.time()
         try:
-            reply = self._call(b"PUT", rest, timeout)
+            reply = self._call(b"PUT", frames, timeout, args=_F64.pack(weight))
         except BaseException:
             _release(key)
             raise
@@ -226,7 +234,7 @@ class Channel:
         frames, key = _encode(item, version, weight)
         start = time.time()
         try:
-            reply = await _process().aconn(self._hub).request(self._key, b"PUT", [_F64.pack(weight), *frames])
+            reply = await _process().aconn(self._hub).request(self._key, b"PUT", frames, _F64.pack(weight))
         except BaseException:
             _release(key)
             raise
@@ -259,8 +267,8 @@ class Channel:
 
     # ---- internals -----------------------------------------------------------------------------
 
-    def _call(self, op: bytes, rest: list, timeout: float | None = None) -> Reply:
-        reply = _process().conn(self._hub).request(self._key, op, rest, timeout)
+    def _call(self, op: bytes, rest: list, timeout: float | None = None, args: bytes = b"") -> Reply:
+        reply = _process().conn(self._hub).request(self._key, op, rest, timeout, args)
         if reply.status == NOCHAN:
             raise RlinfError(f"channel {self.name!r} does not exist on the hub; create it with Channel(name).")
         if reply.status == b"ER":
@@ -279,13 +287,13 @@ class Channel:
 
     def _get(self, max_items: int, lo: float, hi: float, timeout: float | None) -> list[Item]:
         start = time.time()
-        reply = self._call(b"GET", [GET_ARGS.pack(max_items, lo, hi)], timeout)
+        reply = self._call(b"GET", [], timeout, args=GET_ARGS.pack(max_items, lo, hi))
         _trace_wait(f"get {self.name}", start)
         return self._decode_reply(reply, timeout)
 
     async def _aget(self, max_items: int, lo: float, hi: float) -> list[Item]:
         start = time.time()
-        reply = await _process().aconn(self._hub).request(self._key, b"GET", [GET_ARGS.pack(max_items, lo, hi)])
+        reply = await _process().aconn(self._hub).request(self._key, b"GET", [], GET_ARGS.pack(max_items, lo, hi))
         _trace_wait(f"get {self.name}", start)
         return self._decode_reply(reply, None)
 
@@ -297,14 +305,8 @@ class Channel:
             raise TimeoutError(f"nothing arrived on channel {self.name!r} within {timeout} s")
         if status != ITEMS:
             raise RlinfError(f"unexpected reply {status!r} to get on channel {self.name!r}")
-        counts = array("I")
-        counts.frombytes(reply.frames[0].bytes)
         now = time.time()
-        items, i = [], 2  # frames: counts, weights, then each item's frames
-        for n in counts:
-            items.append(_decode(reply.frames[i : i + n], now))
-            i += n
-        return items
+        return [_decode(frames, now) for _, frames in split_batch(reply.extra, reply.frames)]
 
 
 # ---- encoding --------------------------------------------------------------------------------
@@ -323,16 +325,18 @@ def _encode(item: Any, version: int, weight: float) -> tuple[list, int | None]:
         remote = (server.address, key, sizes)
         buffers = []
     meta = pickle.dumps((producer, rank, version, weight, time.time(), remote), protocol=5)
-    return [meta, header, *buffers], key
+    return [_U32.pack(len(meta)) + meta + header, *buffers], key
 
 
 def _decode(frames: list[zmq.Frame], now: float) -> Item:
-    producer, rank, version, weight, put_time, remote = pickle.loads(frames[0].bytes)
+    first = frames[0].buffer
+    n = _U32.unpack(first[:4])[0]
+    producer, rank, version, weight, put_time, remote = pickle.loads(first[4 : 4 + n])
     if remote is None:
-        buffers: list[Any] = [f.buffer for f in frames[2:]]
+        buffers: list[Any] = [f.buffer for f in frames[1:]]
     else:
         buffers = _process().fetch(*remote)
-    payload = serialization.loads(frames[1].buffer, buffers)
+    payload = serialization.loads(first[4 + n :], buffers)
     return Item(payload, ItemMeta(producer, rank, version, weight, put_time, now))
 
 
@@ -376,15 +380,15 @@ class _Conn:
         # At most SEND_AHEAD puts go unanswered; then one waits for a reply, which settles them all.
         return self.room.get(chan, 0) > 0 and len(self._ahead) < SEND_AHEAD
 
-    def send_ahead(self, chan: bytes, rest: list, key: int | None) -> None:
+    def send_ahead(self, chan: bytes, args: bytes, rest: list, key: int | None) -> None:
         req = next(self._ids).to_bytes(8, "little")
         self._ahead[req] = (chan, key)
         self.room[chan] -= 1
-        _send(self.sock, _head(b"PUTA", req, chan), rest)
+        _send(self.sock, _head(b"PUTA", req, chan, args), rest)
 
     def note_room(self, chan: bytes, reply: Reply) -> None:
-        if reply.status == OK and reply.frames:
-            self.room[chan] = _U32.unpack(reply.frames[0].bytes)[0]
+        if reply.status == OK and len(reply.extra) == 4:
+            self.room[chan] = _U32.unpack(reply.extra)[0]
 
     def sync(self, chan: bytes) -> None:
         """Waits until the hub has handled every put sent ahead from this socket."""
@@ -410,13 +414,13 @@ class _Conn:
         for r in [r for r in self._ahead if int.from_bytes(r, "little") < n]:
             del self._ahead[r]
 
-    def request(self, chan: bytes, op: bytes, rest: list, timeout: float | None = None) -> Reply:
+    def request(self, chan: bytes, op: bytes, rest: list, timeout: float | None = None, args: bytes = b"") -> Reply:
         req = next(self._ids).to_bytes(8, "little")
         self._pending[req] = chan
-        _send(self.sock, _head(op, req, chan), rest)
+        _send(self.sock, _head(op, req, chan, args), rest)
         if timeout is not None and not self._wait(req, timeout):
             # Exactly one reply still comes: the items (if they raced the cancel) or CANCELLED.
-            _send(self.sock, _head(b"CANCEL", next(self._ids).to_bytes(8, "little"), chan), [req])
+            _send(self.sock, _head(b"CANCEL", next(self._ids).to_bytes(8, "little"), chan, req), [])
         return self._recv(req)
 
     def _wait(self, req: bytes, timeout: float) -> bool:
@@ -435,19 +439,20 @@ class _Conn:
 
 
 class Reply(NamedTuple):
-    """The hub's answer: a status code and the frames after it."""
+    """The hub's answer: a status code, the bytes after it in the head frame, the other frames."""
 
     status: bytes
     frames: list[zmq.Frame]
+    extra: bytes = b""
 
 
-def _head(op: bytes, req: bytes, chan: bytes) -> bytes:
-    return op.ljust(8) + req + chan
+def _head(op: bytes, req: bytes, chan: bytes, args: bytes = b"") -> bytes:
+    return op.ljust(8) + req + args + chan
 
 
 def _parse(msg: list[zmq.Frame]) -> tuple[bytes, Reply]:
     head = msg[0].bytes
-    return head[:8], Reply(head[8:10], msg[1:])
+    return head[:8], Reply(head[8:10], msg[1:], head[10:])
 
 
 def _send(sock: zmq.Socket, head: bytes, rest: list) -> None:
@@ -481,7 +486,7 @@ def _orphan(conn: _Conn, chan: bytes, reply: Reply) -> None:
     """A reply to an abandoned get: put its items back at the front so nothing is lost."""
     if reply.status == ITEMS:
         req = next(conn._ids).to_bytes(8, "little")
-        _send(conn.sock, _head(b"REQUEUE", req, chan), reply.frames)
+        _send(conn.sock, _head(b"REQUEUE", req, chan), [reply.extra, *reply.frames])
         conn._pending[req] = chan
 
 
@@ -497,13 +502,13 @@ class _AsyncConn:
         self._chans: dict[bytes, bytes] = {}
         self._reader: asyncio.Task | None = None
 
-    async def request(self, chan: bytes, op: bytes, rest: list) -> Reply:
+    async def request(self, chan: bytes, op: bytes, rest: list, args: bytes = b"") -> Reply:
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read())
         req = next(self._ids).to_bytes(8, "little")
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._futures[req], self._chans[req] = fut, chan
-        await self.sock.send_multipart([_head(op, req, chan), *rest], copy=False)
+        await self.sock.send_multipart([_head(op, req, chan, args), *rest], copy=False)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -511,7 +516,7 @@ class _AsyncConn:
                 fut.add_done_callback(lambda f: None)
                 self._futures.pop(req, None)
                 cancel = next(self._ids).to_bytes(8, "little")
-                await self.sock.send_multipart([_head(b"CANCEL", cancel, chan), req])
+                await self.sock.send_multipart([_head(b"CANCEL", cancel, chan, req)])
             raise
 
     async def _read(self) -> None:
@@ -524,7 +529,8 @@ class _AsyncConn:
             elif chan is not None and reply.status == ITEMS:
                 requeue = next(self._ids).to_bytes(8, "little")
                 self._chans[requeue] = chan
-                await self.sock.send_multipart([_head(b"REQUEUE", requeue, chan), *reply.frames], copy=False)
+                frames = [_head(b"REQUEUE", requeue, chan), reply.extra, *reply.frames]
+                await self.sock.send_multipart(frames, copy=False)
 
 
 class DataServer:

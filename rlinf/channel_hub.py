@@ -5,17 +5,19 @@ It runs a single zmq ROUTER loop. Items arrive as frames and leave as the same f
 not sent here at all: the item holds a reference to the producer's data server, and the
 consumer fetches them from there directly (see ``rlinf.channel``).
 
-Protocol, client (DEALER) -> hub (ROUTER). A request is ``[op(8) req(8) channel, args, frames...]``
-and gets exactly one reply ``[req(8) status(2), ...]`` (few frames: each one costs microseconds):
-    CREATE  maxsize                         -> OK maxsize
-    PUT     weight, item frames...          -> OK room, when queued (delayed while full: backpressure) | CLOSED
-    PUTA    weight, item frames...          -> nothing, when queued | CLOSED (a put sent ahead)
-    SYNC                                    -> OK, once everything sent before on this socket is handled
-    GET     max_items min_w max_w           -> ITEMS counts weights frames... (when satisfied) | CLOSED (drained)
-    CANCEL  target                          -> the target's own reply if it already went out, else CANCELLED
-    REQUEUE counts, weights, frames...      -> OK (items go back to the front, e.g. after an abandoned get)
-    CLOSE                                   -> OK
-    STAT                                    -> STAT json
+Protocol, client (DEALER) -> hub (ROUTER). A request is one head frame ``op(8) req(8) args channel``
+(args of a fixed size per op) plus item frames; the reply is a head ``req(8) status(2) [extra]`` plus
+frames. Messages carry as few frames as possible: on this kind of machine each costs microseconds.
+    CREATE  args maxsize                -> OK, extra maxsize
+    PUT     args weight; item frames    -> OK, extra room, when queued (delayed while full) | CLOSED
+    PUTA    args weight; item frames    -> nothing when queued | CLOSED  (a put sent ahead: see channel.py)
+    SYNC                                -> OK once everything sent before on this socket was handled
+    GET     args max_items min_w max_w  -> ITEMS, extra = batch layout; item frames (when satisfied) | CLOSED
+    CANCEL  args target                 -> the target's own reply if it already went out, else CANCELLED
+    REQUEUE frame batch layout; frames  -> OK (items go back to the front, e.g. after an abandoned get)
+    CLOSE                               -> OK
+    STAT                                -> STAT, frame json
+Every request but PUTA gets exactly one reply. A batch layout is ``n`` then each item's frame count and weight.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ OK, CLOSED, ITEMS, CANCELLED, STAT, NOCHAN = b"OK", b"CL", b"IT", b"CA", b"ST", 
 _F64 = struct.Struct("<d")
 _U32 = struct.Struct("<I")
 GET_ARGS = struct.Struct("<Idd")
+ARG_BYTES = {b"PUT": 8, b"PUTA": 8, b"GET": GET_ARGS.size, b"CREATE": 4, b"CANCEL": 8}
 
 
 @dataclass
@@ -89,20 +92,22 @@ class ChannelHub:
         while True:
             msg = sock.recv_multipart(copy=False)
             ident, head = msg[0].bytes, msg[1].bytes
-            op, req, name = head[:8].rstrip(), head[8:16], head[16:]
+            op, req = head[:8].rstrip(), head[8:16]
+            n = ARG_BYTES.get(op, 0)
+            args, name = head[16 : 16 + n], head[16 + n :]
             try:
-                self._handle(ident, op, name, req, msg[2:])
+                self._handle(ident, op, name, req, args, msg[2:])
             except Exception as e:  # a malformed request must not kill the hub
                 sock.send_multipart([ident, req + b"ER", repr(e).encode()])
 
-    def _send(self, ident: bytes, req: bytes, status: bytes, *rest: object) -> None:
-        self._sock.send_multipart([ident, req + status, *rest], copy=bool(not rest))
+    def _send(self, ident: bytes, req: bytes, status: bytes, *rest: object, extra: bytes = b"") -> None:
+        self._sock.send_multipart([ident, req + status + extra, *rest], copy=bool(not rest))
 
-    def _handle(self, ident: bytes, op: bytes, name: bytes, req: bytes, rest: list[zmq.Frame]) -> None:
+    def _handle(self, ident: bytes, op: bytes, name: bytes, req: bytes, args: bytes, rest: list[zmq.Frame]) -> None:
         if op == b"CREATE":
             if name not in self._chans:
-                self._chans[name] = _Chan(maxsize=_U32.unpack(rest[0].bytes)[0])
-            return self._send(ident, req, OK, _U32.pack(self._chans[name].maxsize))
+                self._chans[name] = _Chan(maxsize=_U32.unpack(args)[0])
+            return self._send(ident, req, OK, extra=_U32.pack(self._chans[name].maxsize))
         chan = self._chans.get(name)
         if chan is None:
             return self._send(ident, req, NOCHAN)
@@ -110,25 +115,25 @@ class ChannelHub:
             # PUTA ("put ahead") is sent while the producer knows there is room: it is answered
             # only if it fails, which saves a message and a wake-up per item.
             reply = op == b"PUT"
-            weight = _F64.unpack(rest[0].bytes)[0]
+            weight = _F64.unpack(args)[0]
             if chan.closed:
                 return self._send(ident, req, CLOSED)
             if chan.maxsize and len(chan.queue) >= chan.maxsize:
-                chan.blocked.append((ident, req, weight, rest[1:], reply))
+                chan.blocked.append((ident, req, weight, rest, reply))
                 return None
-            chan.queue.append((weight, rest[1:]))
+            chan.queue.append((weight, rest))
             chan.puts += 1
             self._serve(chan)  # a waiting consumer gets the item before the producer gets its ack
             if reply:
-                self._send(ident, req, OK, _room(chan))
+                self._send(ident, req, OK, extra=_room(chan))
         elif op == b"SYNC":
             self._send(ident, req, OK)  # everything this socket sent before has been handled
         elif op == b"GET":
-            max_items, min_w, max_w = GET_ARGS.unpack(rest[0].bytes)
+            max_items, min_w, max_w = GET_ARGS.unpack(args)
             chan.waiters.append(_Waiter(ident, req, max_items, min_w, max_w))
             self._serve(chan)
         elif op == b"CANCEL":
-            target = rest[0].bytes
+            target = args
             for w in chan.waiters:
                 if w.ident == ident and w.req == target:
                     chan.waiters.remove(w)
@@ -141,7 +146,7 @@ class ChannelHub:
                     return self._send(ident, target, CANCELLED)
             # Already answered: the client reads that reply instead.
         elif op == b"REQUEUE":
-            items = _split(rest[0].bytes, rest[2:], rest[1].bytes)
+            items = split_batch(rest[0].bytes, rest[1:])
             chan.queue.extendleft(reversed(items))
             self._send(ident, req, OK)
             self._serve(chan)
@@ -192,7 +197,7 @@ class ChannelHub:
                 chan.queue.append((weight, frames))
                 chan.puts += 1
                 if reply:
-                    self._send(b_ident, b_req, OK, _room(chan))
+                    self._send(b_ident, b_req, OK, extra=_room(chan))
                 admitted = True
             if not (admitted and chan.waiters):
                 break
@@ -205,11 +210,9 @@ class ChannelHub:
                     self._send(w.ident, w.req, CLOSED)
 
     def _deliver(self, chan: _Chan, w: _Waiter) -> None:
-        counts = array("I", [len(frames) for _, frames in w.taken]).tobytes()
-        weights = array("d", [weight for weight, _ in w.taken]).tobytes()
         frames = [f for _, item in w.taken for f in item]
         chan.gets += len(w.taken)
-        self._send(w.ident, w.req, ITEMS, counts, weights, *frames)
+        self._send(w.ident, w.req, ITEMS, *frames, extra=batch_layout(w.taken))
 
 
 def _room(chan: _Chan) -> bytes:
@@ -248,15 +251,23 @@ def connect_address(endpoint: str) -> str:
     return ipc if ipc and key == _MACHINE else tcp
 
 
-def _split(counts: bytes, frames: list, weights: bytes) -> list[tuple[float, list]]:
-    """Cuts a flat frame list back into items; ``counts`` holds each item's frame count."""
+def batch_layout(items: list[tuple[float, list]]) -> bytes:
+    """``n``, then each item's frame count and weight: how to cut a flat frame list into items."""
+    counts = array("I", [len(frames) for _, frames in items]).tobytes()
+    weights = array("d", [weight for weight, _ in items]).tobytes()
+    return _U32.pack(len(items)) + counts + weights
+
+
+def split_batch(layout: bytes, frames: list) -> list[tuple[float, list]]:
+    """Inverse of :func:`batch_layout`: ``(weight, frames)`` per item."""
+    n = _U32.unpack(layout[:4])[0]
     sizes, ws = array("I"), array("d")
-    sizes.frombytes(counts)
-    ws.frombytes(weights)
+    sizes.frombytes(layout[4 : 4 + 4 * n])
+    ws.frombytes(layout[4 + 4 * n : 4 + 12 * n])
     out, i = [], 0
-    for n, w in zip(sizes, ws, strict=True):
-        out.append((w, list(frames[i : i + n])))
-        i += n
+    for size, w in zip(sizes, ws, strict=True):
+        out.append((w, list(frames[i : i + size])))
+        i += size
     return out
 
 
