@@ -202,3 +202,16 @@ def test_channel_by_name_is_shared_and_bad_args_rejected(cluster):
     assert b.get() == 1
     with pytest.raises(ValueError, match="maxsize must be >= 0"):
         Channel("x", maxsize=-1)
+
+
+def test_stopping_iteration_early_puts_prefetched_items_back(cluster):
+    ch = Channel("early-stop", maxsize=0)
+    ch.put_many(range(10))
+    seen = []
+    for x in ch:
+        seen.append(x)
+        if len(seen) == 2:
+            break  # the iterator had taken more than two; they go back to the front
+    ch.close()
+    assert seen == [0, 1]
+    assert list(ch) == list(range(2, 10))
