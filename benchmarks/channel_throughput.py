@@ -126,6 +126,10 @@ class Bench(Worker):
     def echo(self, x: int) -> int:
         return x
 
+    def host_channel(self, name: str) -> Channel:
+        """A channel whose queue lives in this process (``host="here"``): this worker consumes it."""
+        return Channel(name, maxsize=4, host="here")
+
 
 def throughput(a: Any, b: Any, transport: str, nbytes: int, run: int) -> float:
     """MB/s from the producer's first send to the consumer's last receive."""
@@ -148,8 +152,12 @@ def throughput(a: Any, b: Any, transport: str, nbytes: int, run: int) -> float:
 
 
 def round_trip_us(a: Any, b: Any, transport: str, n: int, run: int) -> float:
-    if transport == "rlinf":
-        out, back = Channel(f"ping-{run}", maxsize=4), Channel(f"pong-{run}", maxsize=4)
+    if transport.startswith("rlinf"):
+        if transport == "rlinf":
+            out, back = Channel(f"ping-{run}", maxsize=4), Channel(f"pong-{run}", maxsize=4)
+        else:  # each channel hosted by its consumer: B consumes `out`, A consumes `back`
+            out = b.call(Bench.host_channel, f"ping-here-{run}").wait()[0]
+            back = a.call(Bench.host_channel, f"pong-here-{run}").wait()[0]
         hb = b.call(Bench.channel_pong, out, back, n)
         times = a.call(Bench.channel_ping, out, back, n).wait()[0]
         hb.wait()
@@ -186,7 +194,7 @@ def main() -> None:
                     runs[transport].append(throughput(a, b, transport, nbytes, r))
             results["throughput_MBps"][label] = {k: statistics.median(v) for k, v in runs.items()}
             print(f"  {label}: " + ", ".join(f"{k} {statistics.median(v):.0f} MB/s" for k, v in runs.items()))
-        lat: dict[str, list[float]] = {"rlinf": [], "pyzmq": [], "ray actor call": []}
+        lat: dict[str, list[float]] = {"rlinf": [], "rlinf host=here": [], "pyzmq": [], "ray actor call": []}
         for r in range(args.repeats):
             for transport in lat:
                 n = args.pings if transport != "ray actor call" else max(200, args.pings // 5)
@@ -202,10 +210,15 @@ def main() -> None:
     rt = results["round_trip_us"]
     print()
     print("Small-item round trip A -> B -> A, microseconds (median)")
-    print(
-        f"  rlinf channels {rt['rlinf']:.0f}   raw pyzmq {rt['pyzmq']:.0f}   Ray actor call {rt['ray actor call']:.0f}"
-    )
-    print(f"  rlinf / raw pyzmq = {rt['rlinf'] / rt['pyzmq']:.2f}x")
+    print(f"{'transport':<34} {'us':>7} {'/ raw pyzmq':>12}")
+    rows = {
+        "rlinf, queues in the cluster hub": rt["rlinf"],
+        "rlinf, queues in their consumers": rt["rlinf host=here"],
+        "raw pyzmq (PAIR)": rt["pyzmq"],
+        "Ray actor call (driver -> B)": rt["ray actor call"],
+    }
+    for label, us in rows.items():
+        print(f"{label:<34} {us:>7.0f} {us / rt['pyzmq']:>11.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

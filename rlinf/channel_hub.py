@@ -16,6 +16,8 @@ frames. Messages carry as few frames as possible: on this kind of machine each c
     CANCEL  args target                 -> the target's own reply if it already went out, else CANCELLED
     REQUEUE frame batch layout; frames  -> OK (items go back to the front, e.g. after an abandoned get)
     CLOSE                               -> OK
+    ALIAS   frame address               -> OK: the channel lives in the hub at address (CREATE answers
+                                           REDIRECT, extra address) | ER if it exists elsewhere
     STAT                                -> STAT, frame json
 Every request but PUTA gets exactly one reply. A batch layout is ``n`` then each item's frame count and weight.
 """
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-OK, CLOSED, ITEMS, CANCELLED, STAT, NOCHAN = b"OK", b"CL", b"IT", b"CA", b"ST", b"NC"
+OK, CLOSED, ITEMS, CANCELLED, STAT, NOCHAN, REDIRECT = b"OK", b"CL", b"IT", b"CA", b"ST", b"NC", b"RD"
 _F64 = struct.Struct("<d")
 _U32 = struct.Struct("<I")
 GET_ARGS = struct.Struct("<Idd")
@@ -79,6 +81,7 @@ class ChannelHub:
         self._sock.setsockopt(zmq.RCVHWM, 0)
         self._address = bind_endpoint(self._sock, ip, "hub")
         self._chans: dict[bytes, _Chan] = {}
+        self._aliases: dict[bytes, bytes] = {}  # channels hosted by another process's hub
         self._thread = threading.Thread(target=self._loop, name="rlinf-channel-hub", daemon=True)
         self._thread.start()
 
@@ -104,7 +107,16 @@ class ChannelHub:
         self._sock.send_multipart([ident, req + status + extra, *rest], copy=bool(not rest))
 
     def _handle(self, ident: bytes, op: bytes, name: bytes, req: bytes, args: bytes, rest: list[zmq.Frame]) -> None:
+        if op == b"ALIAS":
+            where = rest[0].bytes
+            if name in self._chans or self._aliases.get(name, where) != where:
+                other = self._aliases.get(name, b"this hub")
+                return self._send(ident, req, b"ER", other)
+            self._aliases[name] = where
+            return self._send(ident, req, OK)
         if op == b"CREATE":
+            if name in self._aliases:
+                return self._send(ident, req, REDIRECT, extra=self._aliases[name])
             if name not in self._chans:
                 self._chans[name] = _Chan(maxsize=_U32.unpack(args)[0])
             return self._send(ident, req, OK, extra=_U32.pack(self._chans[name].maxsize))
@@ -234,20 +246,26 @@ def machine_key() -> str:
 def bind_endpoint(sock: zmq.Socket, ip: str, role: str) -> str:
     """Binds ``sock`` to TCP on ``ip`` and, on Linux, to an abstract unix socket (no file to clean up).
 
-    Returns ``"tcp://ip:port|ipc://@name|machine-key"``; :func:`connect_address` picks the ipc
-    address for peers on the same machine (lower latency) and TCP for the others.
+    Returns ``"tcp://ip:port|ipc://@name|machine-key|inproc://name|pid"``; :func:`connect_address`
+    picks inproc inside the same process (no kernel, no I/O threads), ipc on the same machine,
+    and TCP for the others.
     """
     port = sock.bind_to_random_port(f"tcp://{ip}")
     tcp = f"tcp://{ip}:{port}"
-    if not sys.platform.startswith("linux"):
-        return f"{tcp}||"
-    ipc = f"ipc://@rlinf-{role}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    sock.bind(ipc)
-    return f"{tcp}|{ipc}|{machine_key()}"
+    name = f"rlinf-{role}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    inproc = f"inproc://{name}"
+    sock.bind(inproc)  # sockets of this process share zmq.Context.instance()
+    ipc = ""
+    if sys.platform.startswith("linux"):
+        ipc = f"ipc://@{name}"
+        sock.bind(ipc)
+    return f"{tcp}|{ipc}|{machine_key()}|{inproc}|{os.getpid()}"
 
 
 def connect_address(endpoint: str) -> str:
-    tcp, ipc, key = endpoint.split("|")
+    tcp, ipc, key, inproc, pid = endpoint.split("|")
+    if pid == str(os.getpid()):
+        return inproc
     return ipc if ipc and key == _MACHINE else tcp
 
 

@@ -215,3 +215,25 @@ def test_stopping_iteration_early_puts_prefetched_items_back(cluster):
     ch.close()
     assert seen == [0, 1]
     assert list(ch) == list(range(2, 10))
+
+
+class Host(Worker):
+    def host(self, name: str) -> Channel:
+        return Channel(name, maxsize=2, host="here")
+
+    def drain(self, ch: Channel) -> list[int]:
+        return list(ch)
+
+
+def test_channel_hosted_by_its_consumer_is_found_by_name(fresh_groups):
+    consumer = Host.launch(fresh_groups, [1], name="hosting-consumer")
+    hosted = consumer.call(Host.host, "hosted").wait()[0]
+    assert hosted._hub != Channel("plain-for-compare")._hub  # the queue lives in the consumer
+    by_name = Channel("hosted")  # any process finds it through the cluster hub
+    assert by_name._hub == hosted._hub and by_name.maxsize == 2
+    h = consumer.call(Host.drain, hosted)
+    by_name.put_many(range(20))
+    by_name.close()
+    assert h.wait(timeout=60)[0] == list(range(20))
+    with pytest.raises(Exception, match="already exists elsewhere"):
+        consumer.call(Host.host, "plain-for-compare").wait()
