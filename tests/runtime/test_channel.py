@@ -237,3 +237,25 @@ def test_channel_hosted_by_its_consumer_is_found_by_name(fresh_groups):
     assert h.wait(timeout=60)[0] == list(range(20))
     with pytest.raises(Exception, match="already exists elsewhere"):
         consumer.call(Host.host, "plain-for-compare").wait()
+
+
+class LateProducer(Worker):
+    def put_across_close(self, ch: Channel, go: Channel) -> str:
+        ch.put("first")  # answered: the hub reports room, so the next put is sent ahead
+        go.get()  # the driver closes `ch` meanwhile
+        ch.put("second")  # sent ahead; the hub answers only that it was refused
+        try:
+            ch.flush()
+        except ChannelClosed as e:
+            return str(e)
+        return "no error"
+
+
+def test_put_sent_ahead_into_a_closed_channel_is_reported(fresh_groups):
+    ch, go = Channel("late", maxsize=0), Channel("late-go", maxsize=0)
+    producer = LateProducer.launch(fresh_groups, [0], name="late-producer")
+    h = producer.call(LateProducer.put_across_close, ch, go)
+    assert ch.get(timeout=30) == "first"
+    ch.close()
+    go.put("go")
+    assert "1 earlier item(s) put here were not delivered" in h.wait(timeout=30)[0]
