@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ from rlinf.algorithms import group_advantage, ppo_clip_loss, token_kl
 from rlinf.channel import Channel
 from rlinf.worker import Worker
 from rlinf.workers.config import ActorConfig
-from rlinf.workers.inference import pack_groups, token_logprobs
+from rlinf.workers.inference import PackedBatch, pack_groups, token_logprobs
 from rlinf.workers.rollout import Group, RolloutWorker, load_model, rank_share
 from rlinf.workers.weights import export_state
 
@@ -28,7 +29,11 @@ if TYPE_CHECKING:
     from rlinf.group import WorkerGroup
 
 
-def group_advantages(groups: list[Group]) -> Tensor:
+AdvantageFn = Callable[[list[Group], PackedBatch], Tensor]
+"""``(scored groups, their packed batch) -> advantages``, ``[B]`` per sample or ``[B, R]`` per token."""
+
+
+def group_advantages(groups: list[Group], batch: PackedBatch | None = None) -> Tensor:
     """``[sum of n]`` GRPO advantages, group by group, in the order ``pack_groups`` lays out samples."""
     parts = []
     for g in groups:
@@ -74,13 +79,23 @@ class ActorWorker(Worker):
 
     # ---- training --------------------------------------------------------------------------------
 
-    def train(self, inp: Channel, num_groups: int, micro_batch_groups: int = 0) -> dict[str, float]:
+    def train(
+        self,
+        inp: Channel,
+        num_groups: int,
+        micro_batch_groups: int = 0,
+        advantage: AdvantageFn = group_advantages,
+        kl_in_loss: bool = True,
+    ) -> dict[str, float]:
         """Takes this rank's share of ``num_groups`` scored groups in micro-batches; one optimizer step.
 
         Args:
             inp: scored ``Group`` items (rewards set).
             num_groups: groups in the global batch, across all actor ranks.
             micro_batch_groups: groups per forward/backward pass; 0 uses ``actor.micro_batch_groups``.
+            advantage: how advantages are computed from a micro-batch (GRPO's by default).
+            kl_in_loss: add ``actor.kl_coef`` times the k3 KL to the reference as a loss term; off for
+                algorithms that put the KL penalty into the reward (then ``advantage`` handles it).
         """
         micro = micro_batch_groups or self.cfg.micro_batch_groups
         mine = rank_share(num_groups, self.rank, self.world_size)
@@ -96,7 +111,7 @@ class ActorWorker(Worker):
             taken += len(items)
             staleness = max(staleness, max(float(self.version - it.meta.version) for it in items))
             with self.device_lock():
-                for key, value in self.accumulate([it.payload for it in items]).items():
+                for key, value in self.accumulate([it.payload for it in items], advantage, kl_in_loss).items():
                     sums[key] = sums.get(key, 0.0) + value
         with self.device_lock():
             totals, grad_norm = self.apply_gradients(sums)
@@ -114,11 +129,13 @@ class ActorWorker(Worker):
             "time/actor": time.perf_counter() - start,
         }
 
-    def accumulate(self, groups: list[Group]) -> dict[str, float]:
+    def accumulate(
+        self, groups: list[Group], advantage: AdvantageFn = group_advantages, kl_in_loss: bool = True
+    ) -> dict[str, float]:
         """Forward/backward of one micro-batch; adds the gradient of its summed token losses."""
         cfg = self.cfg
         batch = pack_groups(groups, self.pad_id)
-        adv = group_advantages(groups)
+        adv = advantage(groups, batch)
         mask = batch.response_mask
         tokens = float(mask.sum())
         if tokens == 0:
@@ -134,7 +151,7 @@ class ActorWorker(Worker):
             aggregation="token-mean",
         )
         ref_kl = torch.zeros(())
-        if cfg.kl_coef > 0:
+        if cfg.kl_coef > 0 and kl_in_loss:
             if batch.ref_logprobs is None:
                 raise ValueError(
                     f"actor.kl_coef={cfg.kl_coef} needs reference log-probs, but the groups carry none; "
@@ -142,6 +159,8 @@ class ActorWorker(Worker):
                 )
             ref_kl = token_kl(logprobs, batch.ref_logprobs, estimator="k3", mask=mask).sum() / tokens
             loss = loss + cfg.kl_coef * ref_kl
+        elif batch.ref_logprobs is not None:  # KL is in the reward: report it, don't optimise it
+            ref_kl = token_kl(logprobs.detach(), batch.ref_logprobs, estimator="k3", mask=mask).sum() / tokens
         (loss * tokens).backward()
         return {
             "tokens": tokens,

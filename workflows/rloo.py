@@ -1,0 +1,209 @@
+"""RLOO on a verifiable math task: sample a group per prompt, score it, train on leave-one-out advantages.
+
+How this differs from RLOO (Ahmadian et al., 2024, "Back to Basics: Revisiting REINFORCE Style
+Optimization for Learning from Human Feedback in LLMs"):
+
+- The baseline is the paper's: each sample's reward minus the mean reward of the other ``G - 1``
+  samples of its prompt, with no std scaling (``rloo_advantage``).
+- One optimizer step per global batch, fully on-policy, so the PPO clipped loss has ratio 1 and its
+  gradient is the paper's REINFORCE gradient; the clip only guards against numerical drift
+  between the rollout's and the actor's log-probs.
+- The loss is the token-mean over the whole global batch, not the paper's sum of sequence
+  log-probs per sample, so long and short answers weigh by their token count.
+- The KL penalty is off by default (``actor.kl_coef=0``); with it on, the k3 estimator is added to
+  the loss as in the GRPO workflow, not subtracted from the sequence reward as in the paper.
+- Rewards come from a rule-based verifier (exact integer answer, small format reward), not a
+  learned reward model.
+- Rollout, reward and training overlap: groups stream through channels in micro-batches.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlinf.algorithms import rloo_advantage
+from rlinf.channel import Channel
+from rlinf.cluster import Cluster
+from rlinf.config import dump_yaml
+from rlinf.envs.math_task import MathProblem, MathTaskConfig, format_prompt, make_splits
+from rlinf.errors import ConfigError
+from rlinf.group import WorkerGroup
+from rlinf.metrics import MetricsWriter, merge_rank_metrics
+from rlinf.placement import Placement, PlacementConfig
+from rlinf.workers.actor import ActorWorker
+from rlinf.workers.config import ActorConfig, ModelConfig, RewardConfig, RolloutConfig, RunConfig
+from rlinf.workers.inference import InferenceWorker, PackedBatch
+from rlinf.workers.reward import RewardWorker, Verifier, math_verifier
+from rlinf.workers.rollout import Group, Prompt, RolloutWorker
+
+
+@dataclass(frozen=True)
+class RLOOConfig:
+    """Every section of an RLOO run (YAML and ``key=value`` override these defaults)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: MathTaskConfig = field(default_factory=lambda: MathTaskConfig(prompt_style="plain", few_shot=0))
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="rloo"))
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+
+    def __post_init__(self) -> None:
+        if self.rollout.group_size < 2:
+            raise ConfigError(
+                f"rollout.group_size={self.rollout.group_size}: RLOO's baseline is the mean of the other "
+                f"samples of a prompt, so it needs at least 2 samples per prompt; try rollout.group_size=4."
+            )
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        extra = ("inference",) if self.actor.kl_coef > 0 else ()
+        return ("rollout", "reward", "actor", *extra)
+
+
+def rloo_advantages(groups: list[Group], batch: PackedBatch | None = None) -> Tensor:
+    """``[sum of n]`` RLOO advantages, group by group, in the order ``pack_groups`` lays out samples."""
+    parts = []
+    for g in groups:
+        if g.rewards is None:
+            raise ValueError(
+                f"group {g.index} reached the actor without rewards; route rollout output through "
+                f"RewardWorker.score before ActorWorker.train."
+            )
+        if g.size < 2:
+            raise ValueError(
+                f"group {g.index} has {g.size} sample; RLOO leaves one sample out of its group, so set "
+                f"rollout.group_size >= 2 (e.g. 4)."
+            )
+        parts.append(rloo_advantage(g.rewards.float(), g.size))
+    return torch.cat(parts)
+
+
+def prompt_batches(problems: Sequence[MathProblem], cfg: RLOOConfig, tokenizer: Any) -> Iterator[list[Prompt]]:
+    """``run.steps`` batches of ``run.train_batch`` prompts, cycling through shuffled train problems."""
+    order = list(range(len(problems)))
+    random.Random(cfg.run.seed).shuffle(order)
+    cursor = 0
+    for _ in range(cfg.run.steps):
+        batch = []
+        for _ in range(cfg.run.train_batch):
+            p = problems[order[cursor % len(order)]]
+            batch.append(Prompt(format_prompt(p, cfg.task, tokenizer), p, cursor))
+            cursor += 1
+        yield batch
+
+
+@dataclass(frozen=True)
+class Workers:
+    """The launched components; ``inference`` only when the KL penalty is on."""
+
+    rollout: WorkerGroup[RolloutWorker]
+    reward: WorkerGroup[RewardWorker]
+    actor: WorkerGroup[ActorWorker]
+    inference: WorkerGroup[InferenceWorker] | None
+
+
+def launch_workers(cfg: RLOOConfig, cluster: Cluster, place: Placement, model_dir: Path, verifier: Verifier) -> Workers:
+    dtype, temperature = cfg.model.dtype, cfg.rollout.temperature
+    return Workers(
+        rollout=RolloutWorker.launch(cluster, place, cfg.rollout, model_dir, dtype, name="rollout"),
+        reward=RewardWorker.launch(cluster, place, verifier, name="reward"),
+        actor=ActorWorker.launch(cluster, place, cfg.actor, model_dir, temperature, dtype, name="actor"),
+        inference=InferenceWorker.launch(cluster, place, model_dir, temperature, dtype, name="inference")
+        if cfg.actor.kl_coef > 0
+        else None,
+    )
+
+
+def evaluate(w: Workers, prompts: Channel, samples: Channel, eval_prompts: list[Prompt]) -> float:
+    """Held-out accuracy of the rollout's current weights (one response per prompt at eval_temperature)."""
+    if not eval_prompts:
+        return float("nan")
+    prompts.put_many(eval_prompts)
+    gen = w.rollout.call(RolloutWorker.generate, prompts, samples, len(eval_prompts), greedy=True)
+    scores = w.reward.call(RewardWorker.score, samples, None, len(eval_prompts)).wait()
+    gen.wait()
+    return merge_rank_metrics(scores)["reward/accuracy"]
+
+
+def main(
+    cfg: RLOOConfig,
+    run_dir: str | Path,
+    cluster: Cluster | None = None,
+    show_progress: bool = True,
+    verifier: Verifier | None = None,
+) -> dict[str, float]:
+    """Runs RLOO; writes config.yaml, metrics.jsonl, checkpoints and trace.json into ``run_dir``.
+
+    Args:
+        cfg: the run's config.
+        run_dir: where the run writes.
+        cluster: an existing cluster (default: start an embedded one for this run).
+        show_progress: draw a progress bar.
+        verifier: reward rule (default: the math task's answer checker).
+
+    Returns:
+        ``eval/accuracy_before``, ``eval/accuracy_after`` and the last step's metrics.
+    """
+    from transformers import AutoTokenizer
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg, run_dir / "config.yaml")
+    own = cluster is None
+    cluster = cluster or Cluster(cpu_cores_per_slot=cfg.run.cpu_cores_per_slot)
+    try:
+        model_dir = cfg.model.resolve()
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))  # prompt text only; tensors stay in workers
+        splits = make_splits(cfg.task)
+        place = Placement.from_config(cfg.placement, len(cluster.devices), cfg.components)
+        w = launch_workers(cfg, cluster, place, model_dir, verifier or math_verifier(cfg.task))
+        tag = run_dir.name
+        prompts, samples, scored = Channel(f"{tag}/prompts", 0), Channel(f"{tag}/samples"), Channel(f"{tag}/scored")
+        reward_out = Channel(f"{tag}/to-inference") if w.inference else scored
+        eval_problems = splits.eval[: cfg.run.eval_prompts]
+        held_out = [Prompt(format_prompt(p, cfg.task, tokenizer), p, i) for i, p in enumerate(eval_problems)]
+        checkpoints = run_dir / "checkpoints"
+
+        with MetricsWriter(run_dir, cfg.run.steps, show_progress) as log:
+            log.write(f"{log.note}\n{place}" if log.note else str(place))
+            before = evaluate(w, prompts, samples, held_out)
+            log.write(f"held-out accuracy before training: {before:.3f} ({len(held_out)} problems)")
+            last: dict[str, float] = {}
+            for step, batch in enumerate(prompt_batches(splits.train, cfg, tokenizer), start=1):
+                start, n = time.perf_counter(), len(batch)
+                sync = w.actor.call(ActorWorker.push_weights, w.rollout).wait()
+                prompts.put_many(batch)
+                handles = [  # launched together: generation, scoring and training overlap
+                    w.rollout.call(RolloutWorker.generate, prompts, samples, n),
+                    w.reward.call(RewardWorker.score, samples, reward_out, n),
+                    w.actor.call(ActorWorker.train, scored, n, advantage=rloo_advantages),
+                ]
+                if w.inference:
+                    handles.append(w.inference.call(InferenceWorker.infer, reward_out, scored, n))
+                last = merge_rank_metrics([m for h in handles for m in h.wait()] + sync)
+                last["time/step"] = time.perf_counter() - start
+                if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
+                    last["eval/accuracy"] = evaluate(w, prompts, samples, held_out)
+                if cfg.run.save_every and step % cfg.run.save_every == 0:
+                    w.actor.on(0).call(ActorWorker.save_checkpoint, str(checkpoints / f"step-{step}")).wait()
+                log.log(step, last)
+            w.actor.call(ActorWorker.push_weights, w.rollout).wait()
+            after = evaluate(w, prompts, samples, held_out)
+            log.log(cfg.run.steps, {"eval/accuracy": after}, advance=False)
+            log.write(f"held-out accuracy after training:  {after:.3f}")
+            w.actor.on(0).call(ActorWorker.save_checkpoint, str(checkpoints / "final")).wait()
+        cluster.write_trace(run_dir / "trace.json")
+        return {**last, "eval/accuracy_before": before, "eval/accuracy_after": after}
+    finally:
+        if own:
+            cluster.shutdown()
