@@ -701,22 +701,17 @@ class _Process:
 
 
 _state: _Process | None = None
+_state_pid = -1
 _state_lock = threading.Lock()
 
 
 def _process() -> _Process:
-    global _state
-    if _state is None or _state_pid != os.getpid():
-        with _state_lock:
-            _reset_after_fork()
-    assert _state is not None
-    return _state
-
-
-_state_pid = -1
-
-
-def _reset_after_fork() -> None:
+    """This process's transport state, made anew in a forked child (sockets don't survive a fork)."""
     global _state, _state_pid
-    if _state is None or _state_pid != os.getpid():
-        _state, _state_pid = _Process(), os.getpid()
+    state = _state
+    if state is None or _state_pid != os.getpid():
+        with _state_lock:
+            if _state is None or _state_pid != os.getpid():
+                _state, _state_pid = _Process(), os.getpid()
+            state = _state
+    return state
