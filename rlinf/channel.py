@@ -29,7 +29,7 @@ from typing import Any, Literal, NamedTuple
 import zmq
 import zmq.asyncio
 
-from rlinf import serialization
+from rlinf import serialization, shm
 from rlinf.channel_hub import (
     CANCELLED,
     CLOSED,
@@ -43,6 +43,7 @@ from rlinf.channel_hub import (
     bind_endpoint,
     connect_address,
     split_batch,
+    this_machine,
 )
 from rlinf.errors import ChannelClosed, RlinfError
 from rlinf.trace import tracer
@@ -357,12 +358,21 @@ def _encode(item: Any, version: int, weight: float) -> tuple[list, int | None]:
     header, buffers = serialization.dumps(item)
     producer, rank = _identity
     sizes = [b.nbytes for b in buffers]
-    remote = None
+    total = sum(sizes)
+    remote: tuple[Any, ...] | None = None
     key = None
-    if sum(sizes) >= DIRECT_BYTES:
-        server = _process().data_server()
-        key = server.store(buffers)
-        remote = (server.address, key, sizes)
+    if total >= DIRECT_BYTES:
+        proc = _process()
+        server = proc.data_server()
+        pool = proc.shm_pool() if total >= shm.SHM_BYTES else None
+        off = pool.alloc(total) if pool is not None else None
+        if pool is not None and off is not None:  # one copy into shared memory
+            offsets = pool.write(off, buffers)
+            key = server.store_shm(off, total, offsets)
+            remote = (server.address, key, sizes, (pool.path, off, total, offsets, this_machine()))
+        else:  # stays here; the consumer fetches it over a socket
+            key = server.store(buffers)
+            remote = (server.address, key, sizes, None)
         buffers = []
     meta = pickle.dumps((producer, rank, version, weight, time.time(), remote), protocol=5)
     return [_U32.pack(len(meta)) + meta + header, *buffers], key
@@ -375,7 +385,14 @@ def _decode(frames: list[zmq.Frame], now: float) -> Item:
     if remote is None:
         buffers: list[Any] = [f.buffer for f in frames[1:]]
     else:
-        buffers = _process().fetch(*remote)
+        address, key, sizes, in_shm = remote
+        proc = _process()
+        if in_shm is not None and in_shm[4] == this_machine():
+            path, off, total, offsets, _ = in_shm
+            releaser = proc.releaser()
+            buffers = shm.attach(path, off, total, offsets, sizes, lambda: releaser.release(address, key))
+        else:
+            buffers = proc.fetch(address, key, sizes)
     payload = serialization.loads(first[4 + n :], buffers)
     return Item(payload, ItemMeta(producer, rank, version, weight, put_time, now))
 
@@ -577,7 +594,9 @@ class DataServer:
     """Serves this process's large outgoing buffers to consumers (one thread, zmq ROUTER)."""
 
     def __init__(self, ctx: zmq.Context, ip: str) -> None:
-        self._store: dict[int, list[memoryview]] = {}
+        # key -> the item's buffers, or (offset, bytes, buffer offsets) of an item in the shm pool
+        self._store: dict[int, list[memoryview] | tuple[int, int, list[int]]] = {}
+        self.pool: shm.SharedPool | None = None
         self._lock = threading.Lock()
         self._keys = itertools.count(1)
         sock = ctx.socket(zmq.ROUTER)
@@ -593,24 +612,46 @@ class DataServer:
             self._store[key] = buffers
         return key
 
-    def take(self, key: int) -> list[memoryview] | None:
+    def store_shm(self, off: int, nbytes: int, offsets: list[int]) -> int:
+        key = next(self._keys)
+        with self._lock:
+            self._store[key] = (off, nbytes, offsets)
+        return key
+
+    def take(self, key: int) -> list[memoryview] | tuple[int, int, list[int]] | None:
         with self._lock:
             return self._store.pop(key, None)
 
     def discard(self, key: int) -> None:
-        self.take(key)
+        entry = self.take(key)
+        if isinstance(entry, tuple) and self.pool is not None:
+            self.pool.release(entry[0], entry[1])
 
     def __len__(self) -> int:
         return len(self._store)
 
     def _serve(self) -> None:
         while True:
-            ident, req, key = self._sock.recv_multipart()
-            buffers = self.take(int.from_bytes(key, "little"))
-            if buffers is None:
+            ident, req, body = self._sock.recv_multipart()
+            op, key = body[:1], int.from_bytes(body[1:], "little")
+            if op == b"R":  # a consumer on this machine is done with an item in shared memory
+                self.discard(key)
+                continue
+            entry = self.take(key)
+            if entry is None:
                 self._sock.send_multipart([ident, req, b"GONE"])
+            elif isinstance(entry, tuple):  # in shared memory, asked for from another machine
+                off, nbytes, offsets = entry
+                pool = self.pool
+                if pool is None:
+                    self._sock.send_multipart([ident, req, b"GONE"])
+                    continue
+                ends = [*offsets[1:], off + nbytes]
+                parts = [bytes(pool.view[a:b]) for a, b in zip(offsets, ends, strict=True)]
+                pool.release(off, nbytes)
+                self._sock.send_multipart([ident, req, OK, *parts])
             else:
-                self._sock.send_multipart([ident, req, OK, *buffers], copy=False)
+                self._sock.send_multipart([ident, req, OK, *entry], copy=False)
 
 
 class _Process:
@@ -624,7 +665,31 @@ class _Process:
         self._server: DataServer | None = None
         self._hub: str | None = None
         self._local_hub: ChannelHub | None = None
+        self._pool: shm.SharedPool | None = None
+        self._pool_tried = False
+        self._releaser: shm.Releaser | None = None
         self._lock = threading.Lock()
+
+    def shm_pool(self) -> shm.SharedPool | None:
+        """This process's shared-memory pool for large items, or None where there is none."""
+        if self._pool is None and not self._pool_tried:
+            server = self.data_server()
+            with self._lock:
+                if not self._pool_tried:
+                    self._pool_tried = True
+                    if shm.available():
+                        try:
+                            self._pool = shm.SharedPool()
+                        except OSError:
+                            self._pool = None  # e.g. /dev/shm too small: sockets it is
+                    server.pool = self._pool
+        return self._pool
+
+    def releaser(self) -> shm.Releaser:
+        with self._lock:
+            if self._releaser is None:
+                self._releaser = shm.Releaser(self.ctx, connect_address)
+            return self._releaser
 
     def local_hub(self) -> str:
         """The address of this process's own hub (for channels created with ``host="here"``)."""
@@ -673,7 +738,7 @@ class _Process:
     def fetch(self, address: str, key: int, sizes: list[int]) -> list[Any]:
         if self._server is not None and address == self._server.address:
             local = self._server.take(key)
-            if local is not None:
+            if isinstance(local, list):
                 return list(local)
         socks: dict[str, tuple[zmq.Socket, Iterator[int]]] = self._local.__dict__.setdefault("fetch", {})
         if address not in socks:
@@ -684,7 +749,7 @@ class _Process:
             socks[address] = (s, itertools.count(1))
         sock, ids = socks[address]
         req = next(ids).to_bytes(8, "little")
-        sock.send_multipart([req, key.to_bytes(8, "little")])
+        sock.send_multipart([req, b"F" + key.to_bytes(8, "little")])
         while True:
             if not sock.poll(int(FETCH_TIMEOUT_S * 1000)):
                 raise RlinfError(

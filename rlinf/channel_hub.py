@@ -290,3 +290,8 @@ def split_batch(layout: bytes, frames: list) -> list[tuple[float, list]]:
 
 
 _MACHINE = machine_key()
+
+
+def this_machine() -> str:
+    """:func:`machine_key` of this process, read once."""
+    return _MACHINE

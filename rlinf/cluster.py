@@ -152,6 +152,9 @@ class Cluster:
         self.groups.clear()
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
+        from rlinf import shm
+
+        shm.sweep_stale()  # shared-memory pools of worker processes that were killed
 
     def __enter__(self) -> Cluster:
         return self

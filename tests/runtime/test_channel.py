@@ -28,11 +28,13 @@ class Producer(Worker):
             ch.put({"i": i, "t": t, "np": np.full(n // 4 + 1, i, dtype=np.int16)}, version=7)
         return sums
 
-    def held_items(self) -> int:
+    def held_items(self) -> tuple[int, int]:
+        """Items this process still holds for consumers, and bytes in use in its shared-memory pool."""
         from rlinf.channel import _process
 
         server = _process()._server
-        return 0 if server is None else len(server)
+        pool = _process()._pool
+        return (0 if server is None else len(server)), (0 if pool is None else pool.used)
 
 
 class Consumer(Worker):
@@ -97,14 +99,15 @@ def _rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def test_full_channel_blocks_producer_and_memory_stays_bounded(fresh_groups):
+@pytest.mark.parametrize("floats", [1 << 20, 1 << 18], ids=["4MiB-items", "1MiB-items"])
+def test_full_channel_blocks_producer_and_memory_stays_bounded(fresh_groups, floats):
     cluster = fresh_groups
-    ch = Channel("bounded", maxsize=4)
+    ch = Channel(f"bounded-{floats}", maxsize=4)
     producer = Producer.launch(cluster, [0], name="big-producer")
     consumer = Consumer.launch(cluster, [1], name="slow-consumer")
     pid = producer.info[0]["pid"]
     base = _rss_mb(pid)
-    sizes = [1 << 20] * 40  # 4 MiB of float32 per item (160 MiB in all), sent by direct fetch
+    sizes = [floats] * 40  # 40 items of float32 (160 or 40 MiB in all), too large to pass the hub
     h = producer.call(Producer.produce_tensors, ch, sizes)
     time.sleep(2.0)
     stats = ch.stats()
@@ -119,7 +122,11 @@ def test_full_channel_blocks_producer_and_memory_stays_bounded(fresh_groups):
     assert [o[0] for o in out] == list(range(40))
     assert [o[1] for o in out] == sums
     assert all(o[2] for o in out) and all(o[3] == 7 for o in out)
-    assert producer.call(Producer.held_items).wait()[0] == 0
+    # the consumer has freed every item, so the producer holds nothing (and its pool space is back)
+    deadline = time.monotonic() + 10
+    while producer.call(Producer.held_items).wait()[0] != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert producer.call(Producer.held_items).wait()[0] == (0, 0)
 
 
 def test_close_ends_iteration_for_every_consumer(fresh_groups):
@@ -259,3 +266,17 @@ def test_put_sent_ahead_into_a_closed_channel_is_reported(fresh_groups):
     ch.close()
     go.put("go")
     assert "1 earlier item(s) put here were not delivered" in h.wait(timeout=30)[0]
+
+
+def test_large_items_fall_back_to_sockets_when_shared_memory_is_full(cluster, monkeypatch):
+    from rlinf import channel as channel_module
+
+    pool = channel_module._process().shm_pool()
+    if pool is None:
+        pytest.skip("no /dev/shm on this machine")
+    monkeypatch.setattr(pool, "alloc", lambda n: None)  # as if the pool were full
+    ch = Channel("no-room-in-shm", maxsize=0)
+    t = torch.arange(1 << 18, dtype=torch.float32)  # 1 MiB: large enough to bypass the hub
+    ch.put(t)
+    got = ch.get_item()
+    assert torch.equal(got.payload, t)
