@@ -16,19 +16,15 @@ How this differs from the GRPO paper (Shao et al., 2024, DeepSeekMath):
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from rlinf.channel import Channel
 from rlinf.cluster import Cluster
 from rlinf.config import dump_yaml
-from rlinf.envs.math_task import MathProblem, MathTaskConfig, format_prompt, make_splits
+from rlinf.envs.math_task import MathTaskConfig, format_prompt, make_splits
 from rlinf.errors import ConfigError
-from rlinf.group import WorkerGroup
 from rlinf.metrics import MetricsWriter, merge_rank_metrics
 from rlinf.placement import Placement, PlacementConfig
 from rlinf.workers.actor import ActorWorker
@@ -36,6 +32,7 @@ from rlinf.workers.config import ActorConfig, ModelConfig, RewardConfig, Rollout
 from rlinf.workers.inference import InferenceWorker
 from rlinf.workers.reward import RewardWorker, Verifier, math_verifier
 from rlinf.workers.rollout import Prompt, RolloutWorker
+from rlinf.workflows._shared import evaluate, launch_workers, prompt_batches
 
 
 @dataclass(frozen=True)
@@ -61,53 +58,6 @@ class GRPOConfig:
     def components(self) -> tuple[str, ...]:
         extra = ("inference",) if self.actor.kl_coef > 0 else ()
         return ("rollout", "reward", "actor", *extra)
-
-
-def prompt_batches(problems: Sequence[MathProblem], cfg: GRPOConfig, tokenizer: Any) -> Iterator[list[Prompt]]:
-    """``run.steps`` batches of ``run.train_batch`` prompts, cycling through shuffled train problems."""
-    order = list(range(len(problems)))
-    random.Random(cfg.run.seed).shuffle(order)
-    cursor = 0
-    for _ in range(cfg.run.steps):
-        batch = []
-        for _ in range(cfg.run.train_batch):
-            p = problems[order[cursor % len(order)]]
-            batch.append(Prompt(format_prompt(p, cfg.task, tokenizer), p, cursor))
-            cursor += 1
-        yield batch
-
-
-@dataclass(frozen=True)
-class Workers:
-    """The launched components; ``inference`` only when the KL penalty is on."""
-
-    rollout: WorkerGroup[RolloutWorker]
-    reward: WorkerGroup[RewardWorker]
-    actor: WorkerGroup[ActorWorker]
-    inference: WorkerGroup[InferenceWorker] | None
-
-
-def launch_workers(cfg: GRPOConfig, cluster: Cluster, place: Placement, model_dir: Path, verifier: Verifier) -> Workers:
-    dtype, temperature = cfg.model.dtype, cfg.rollout.temperature
-    return Workers(
-        rollout=RolloutWorker.launch(cluster, place, cfg.rollout, model_dir, dtype, name="rollout"),
-        reward=RewardWorker.launch(cluster, place, verifier, name="reward"),
-        actor=ActorWorker.launch(cluster, place, cfg.actor, model_dir, temperature, dtype, name="actor"),
-        inference=InferenceWorker.launch(cluster, place, model_dir, temperature, dtype, name="inference")
-        if cfg.actor.kl_coef > 0
-        else None,
-    )
-
-
-def evaluate(w: Workers, prompts: Channel, samples: Channel, eval_prompts: list[Prompt]) -> float:
-    """Held-out accuracy of the rollout's current weights (one response per prompt at eval_temperature)."""
-    if not eval_prompts:
-        return float("nan")
-    prompts.put_many(eval_prompts)
-    gen = w.rollout.call(RolloutWorker.generate, prompts, samples, len(eval_prompts), greedy=True)
-    scores = w.reward.call(RewardWorker.score, samples, None, len(eval_prompts)).wait()
-    gen.wait()
-    return merge_rank_metrics(scores)["reward/accuracy"]
 
 
 def main(
@@ -141,7 +91,9 @@ def main(
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))  # prompt text only; tensors stay in workers
         splits = make_splits(cfg.task)
         place = Placement.from_config(cfg.placement, len(cluster.devices), cfg.components)
-        w = launch_workers(cfg, cluster, place, model_dir, verifier or math_verifier(cfg.task))
+        w = launch_workers(
+            cluster, place, cfg.model, cfg.rollout, cfg.actor, model_dir, verifier or math_verifier(cfg.task)
+        )
         tag = run_dir.name
         prompts, samples, scored = Channel(f"{tag}/prompts", 0), Channel(f"{tag}/samples"), Channel(f"{tag}/scored")
         reward_out = Channel(f"{tag}/to-inference") if w.inference else scored
@@ -154,7 +106,7 @@ def main(
             before = evaluate(w, prompts, samples, held_out)
             log.write(f"held-out accuracy before training: {before:.3f} ({len(held_out)} problems)")
             last: dict[str, float] = {}
-            for step, batch in enumerate(prompt_batches(splits.train, cfg, tokenizer), start=1):
+            for step, batch in enumerate(prompt_batches(splits.train, cfg.task, cfg.run, tokenizer), start=1):
                 start, n = time.perf_counter(), len(batch)
                 sync = w.actor.call(ActorWorker.push_weights, w.rollout).wait()
                 prompts.put_many(batch)
