@@ -259,11 +259,9 @@ def _stop_workers(procs: list[Any], conns: list[Connection]) -> None:
         with contextlib.suppress(OSError):
             conn.send(("close", None))
     for proc, conn in zip(procs, conns, strict=True):
-        try:
+        with contextlib.suppress(OSError, EOFError):  # the worker may already be gone
             if conn.poll(10.0):
                 conn.recv()
-        except (OSError, EOFError):
-            pass
         conn.close()
         proc.join(timeout=10.0)
         if proc.is_alive():

@@ -181,11 +181,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML reads "1e-5" (no dot) as a string
-            except ValueError:
-                pass
+        if isinstance(value, str) and _is_number(value):
+            return float(value)  # YAML reads "1e-5" (no dot) as a string
         raise ConfigError(f"{path}: expected a number, got {value!r}.")
     if tp is str:
         if isinstance(value, str):
@@ -194,3 +191,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             return str(value)
         raise ConfigError(f"{path}: expected a string, got {value!r}.")
     return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

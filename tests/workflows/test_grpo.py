@@ -12,6 +12,8 @@ from rlinf.config import load_config
 from rlinf.models import build_tiny_model
 from rlinf.workflows.grpo import GRPOConfig
 
+from ._tiny_run import metric_records, run_tiny, track_names
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "grpo_math_tiny.yaml"
 
 
@@ -34,33 +36,18 @@ def test_cli_rejects_bad_config_with_a_hint(capsys):
 
 def test_cli_runs_grpo_and_writes_the_run_directory(cluster, model_dir, tmp_path):
     run_dir = tmp_path / "run"
-    code = cli.main(
-        [
-            "run",
-            "grpo",
-            str(EXAMPLE),
-            "steps=2",
-            f"model.path={model_dir}",
-            "run.eval_prompts=4",
-            "rollout.max_new_tokens=8",
-            "--run-dir",
-            str(run_dir),
-            "--no-progress",
-        ]
-    )
+    code = run_tiny("grpo", EXAMPLE, model_dir, run_dir)
     assert code == 0
     assert (run_dir / "config.yaml").is_file()
     resolved = load_config(GRPOConfig, run_dir / "config.yaml")
     assert resolved.run.steps == 2 and resolved.model.path == str(model_dir)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "reward/mean" in r]
+    records, steps = metric_records(run_dir)
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
         assert r["rollout/groups"] == 8 and r["actor/groups"] == 8 and r["reward/samples"] == 32
         assert r["actor/version"] == r["step"] and r["time/step"] > 0
     assert "eval/accuracy" in records[-1]
-    trace = json.loads((run_dir / "trace.json").read_text())
-    names = {e.get("args", {}).get("name", "") for e in trace["traceEvents"] if e.get("ph") == "M"}
+    names = track_names(run_dir)
     assert any("actor" in n for n in names) and any("rollout" in n for n in names)
     assert (run_dir / "checkpoints" / "final" / "actor.pt").is_file()
     assert (run_dir / "checkpoints" / "final" / "model" / "config.json").is_file()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,8 @@ from rlinf.models import build_tiny_model
 from rlinf.workers.actor import group_advantages
 from rlinf.workers.rollout import Group
 from rlinf.workflows.rloo import RLOOConfig, rloo_advantages
+
+from ._tiny_run import metric_records, run_tiny, track_names
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "rloo_math_tiny.yaml"
 
@@ -69,31 +70,16 @@ def test_example_config_loads_and_needs_two_samples_per_prompt():
 
 def test_cli_runs_rloo_and_writes_the_run_directory(cluster, model_dir, tmp_path):
     run_dir = tmp_path / "run"
-    code = cli.main(
-        [
-            "run",
-            "rloo",
-            str(EXAMPLE),
-            "steps=2",
-            f"model.path={model_dir}",
-            "run.eval_prompts=4",
-            "rollout.max_new_tokens=8",
-            "--run-dir",
-            str(run_dir),
-            "--no-progress",
-        ]
-    )
+    code = run_tiny("rloo", EXAMPLE, model_dir, run_dir)
     assert code == 0
     resolved = load_config(RLOOConfig, run_dir / "config.yaml")
     assert resolved.run.steps == 2 and resolved.model.path == str(model_dir)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "reward/mean" in r]
+    records, steps = metric_records(run_dir)
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
         assert r["actor/groups"] == 8 and r["reward/samples"] == 32 and r["actor/version"] == r["step"]
     assert "eval/accuracy" in records[-1]
-    trace = json.loads((run_dir / "trace.json").read_text())
-    names = {e.get("args", {}).get("name", "") for e in trace["traceEvents"] if e.get("ph") == "M"}
+    names = track_names(run_dir)
     assert any("actor" in n for n in names) and any("rollout" in n for n in names)
     assert (run_dir / "checkpoints" / "final" / "actor.pt").is_file()
 
