@@ -39,7 +39,7 @@ from rlinf.envs.math_task import MathTaskConfig, format_prompt, make_splits
 from rlinf.errors import ConfigError
 from rlinf.metrics import MetricsWriter, merge_rank_metrics
 from rlinf.placement import Placement, PlacementConfig
-from rlinf.workers.actor import ActorWorker
+from rlinf.workers.actor import ActorWorker, scored_rewards
 from rlinf.workers.config import ActorConfig, ModelConfig, RewardConfig, RolloutConfig, RunConfig
 from rlinf.workers.inference import InferenceWorker, PackedBatch
 from rlinf.workers.reward import RewardWorker, Verifier, math_verifier
@@ -80,13 +80,7 @@ def reinforce_pp_advantages(groups: list[Group], batch: PackedBatch, kl_coef: fl
         batch: ``pack_groups(groups)``; with ``kl_coef > 0`` it must carry reference log-probs.
         kl_coef: weight of the per-token KL penalty in the reward, at least 0.
     """
-    for g in groups:
-        if g.rewards is None:
-            raise ValueError(
-                f"group {g.index} reached the actor without rewards; route rollout output through "
-                f"RewardWorker.score before ActorWorker.train."
-            )
-    seq_rewards = torch.cat([g.rewards.float() for g in groups if g.rewards is not None])
+    seq_rewards = torch.cat([scored_rewards(g) for g in groups])
     mask = batch.response_mask
     kl = torch.zeros(mask.shape)
     if kl_coef > 0:

@@ -34,7 +34,7 @@ from rlinf.envs.math_task import MathTaskConfig, format_prompt, make_splits
 from rlinf.errors import ConfigError
 from rlinf.metrics import MetricsWriter, merge_rank_metrics
 from rlinf.placement import Placement, PlacementConfig
-from rlinf.workers.actor import ActorWorker
+from rlinf.workers.actor import ActorWorker, scored_rewards
 from rlinf.workers.config import ActorConfig, ModelConfig, RewardConfig, RolloutConfig, RunConfig
 from rlinf.workers.inference import InferenceWorker, PackedBatch
 from rlinf.workers.reward import RewardWorker, Verifier, math_verifier
@@ -71,17 +71,13 @@ def rloo_advantages(groups: list[Group], batch: PackedBatch | None = None) -> Te
     """``[sum of n]`` RLOO advantages, group by group, in the order ``pack_groups`` lays out samples."""
     parts = []
     for g in groups:
-        if g.rewards is None:
-            raise ValueError(
-                f"group {g.index} reached the actor without rewards; route rollout output through "
-                f"RewardWorker.score before ActorWorker.train."
-            )
+        rewards = scored_rewards(g)
         if g.size < 2:
             raise ValueError(
                 f"group {g.index} has {g.size} sample; RLOO leaves one sample out of its group, so set "
                 f"rollout.group_size >= 2 (e.g. 4)."
             )
-        parts.append(rloo_advantage(g.rewards.float(), g.size))
+        parts.append(rloo_advantage(rewards, g.size))
     return torch.cat(parts)
 
 

@@ -33,21 +33,27 @@ AdvantageFn = Callable[[list[Group], PackedBatch], Tensor]
 """``(scored groups, their packed batch) -> advantages``, ``[B]`` per sample or ``[B, R]`` per token."""
 
 
+def scored_rewards(group: Group) -> Tensor:
+    """The group's ``[n]`` rewards as float32; a clear error if it skipped the reward stage."""
+    if group.rewards is None:
+        raise ValueError(
+            f"group {group.index} reached the actor without rewards; route rollout output through "
+            f"RewardWorker.score before ActorWorker.train."
+        )
+    return group.rewards.float()
+
+
 def group_advantages(groups: list[Group], batch: PackedBatch | None = None) -> Tensor:
     """``[sum of n]`` GRPO advantages, group by group, in the order ``pack_groups`` lays out samples."""
     parts = []
     for g in groups:
-        if g.rewards is None:
-            raise ValueError(
-                f"group {g.index} reached the actor without rewards; route rollout output through "
-                f"RewardWorker.score before ActorWorker.train."
-            )
+        rewards = scored_rewards(g)
         if g.size < 2:
             raise ValueError(
                 f"group {g.index} has {g.size} sample; GRPO normalises rewards within a group, so set "
                 f"rollout.group_size >= 2 (e.g. 4)."
             )
-        parts.append(group_advantage(g.rewards.float(), g.size))
+        parts.append(group_advantage(rewards, g.size))
     return torch.cat(parts)
 
 
