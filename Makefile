@@ -25,5 +25,6 @@ test: lint
 test-slow: setup
 	$(PY) -m pytest tests -q -m slow
 
-bench: setup
+bench:
+	@RLINF_EXTRAS=bench bash scripts/setup.sh
 	$(PY) benchmarks/channel_throughput.py

@@ -67,7 +67,7 @@ class Cluster:
                 kwargs.update(address="local", num_cpus=os.cpu_count() or 1)
             else:
                 kwargs["address"] = address
-            ray.init(**kwargs)
+            _init_ray(kwargs, retries=2 if self.embedded else 0)
         self.cpu_cores_per_slot = cpu_cores_per_slot
         self.num_cpu_slots = num_cpu_slots
         self.device_kind = device_kind
@@ -186,3 +186,20 @@ def bind_ip() -> str:
     """The address rlinf's own sockets bind to: loopback for an embedded cluster, else the node's IP."""
     ip = os.environ.get("RLINF_BIND_IP")
     return ip if ip else ray.util.get_node_ip_address()
+
+
+def _init_ray(kwargs: dict[str, Any], retries: int) -> None:
+    """``ray.init``, retried when an embedded node misses Ray's fixed 30 s start-up window.
+
+    On a machine whose cores are busy with other work the raylet can take longer than that to
+    register; a second try usually succeeds once its processes are warm in the page cache.
+    """
+    for attempt in range(retries + 1):
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == retries:
+                raise
+            ray.shutdown()
+            time.sleep(1.0)

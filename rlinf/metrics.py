@@ -102,6 +102,7 @@ class MetricsWriter:
             self._tb.close()
             self._tb = None
         self._file.close()
+        plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
 
     def __enter__(self) -> MetricsWriter:
         return self
@@ -113,3 +114,35 @@ class MetricsWriter:
 
 
 _BAR_KEYS = ("reward/mean", "reward/accuracy", "actor/loss", "time/step")
+_CURVE_KEYS = ("reward/mean", "reward/accuracy", "eval/accuracy", "env/return", "env/success")
+
+
+def plot_curves(metrics_file: str | Path, out: str | Path, keys: Sequence[str] = _CURVE_KEYS) -> Path | None:
+    """Draws each of ``keys`` found in a ``metrics.jsonl`` against the step into one PNG.
+
+    Training-batch reward and accuracy are lines; held-out accuracy, measured only now and then, is
+    markers. Returns the PNG's path, or None when the file holds none of the keys.
+    """
+    rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
+    series = {k: [(r["step"], r[k]) for r in rows if k in r] for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, points in series.items():
+        steps, values = zip(*sorted(points), strict=True)
+        held_out = key.startswith("eval/")
+        ax.plot(steps, values, label=key, marker="o" if held_out else None, linestyle="--" if held_out else "-")
+    ax.set_xlabel("step")
+    ax.set_title(Path(metrics_file).parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)

