@@ -78,7 +78,7 @@ def run(argv: Sequence[str]) -> int:
         print(f"rlinf: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     if isinstance(summary, dict):
-        for key in ("eval/accuracy_before", "eval/accuracy_after"):
+        for key in ("eval/loss_before", "eval/loss_after", "eval/accuracy_before", "eval/accuracy_after"):
             if key in summary:
                 print(f"{key}: {summary[key]:.3f}")
     return 0

@@ -5,6 +5,7 @@ The algorithm loops themselves stay one per file (grpo.py, rloo.py, reinforce_pp
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -14,24 +15,42 @@ from typing import Any
 from rlinf.channel import Channel
 from rlinf.cluster import Cluster
 from rlinf.envs.math_task import MathProblem, MathTaskConfig, format_prompt
+from rlinf.errors import ConfigError
 from rlinf.group import WorkerGroup
 from rlinf.metrics import merge_rank_metrics
 from rlinf.placement import Placement
 from rlinf.workers.actor import ActorWorker
-from rlinf.workers.config import ActorConfig, ModelConfig, RolloutConfig, RunConfig
+from rlinf.workers.config import ActorConfig, InferenceConfig, ModelConfig, RewardConfig, RolloutConfig, RunConfig
 from rlinf.workers.inference import InferenceWorker
 from rlinf.workers.reward import RewardWorker, Verifier
 from rlinf.workers.rollout import Prompt, RolloutWorker
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands: optimizer steps done and prompts taken from the train stream (the data cursor)."""
+
+    step: int = 0
+    cursor: int = 0
+
+    def advanced(self, step: int, train_batch: int) -> Progress:
+        """The progress after training on to ``step`` with ``train_batch`` prompts per step."""
+        return Progress(step, self.cursor + (step - self.step) * train_batch)
+
+
 def prompt_batches(
-    problems: Sequence[MathProblem], task: MathTaskConfig, run: RunConfig, tokenizer: Any
+    problems: Sequence[MathProblem],
+    task: MathTaskConfig,
+    run: RunConfig,
+    tokenizer: Any,
+    start: Progress = Progress(),
 ) -> Iterator[list[Prompt]]:
-    """``run.steps`` batches of ``run.train_batch`` prompts, cycling through shuffled train problems."""
+    """Batches of ``run.train_batch`` prompts for steps ``start.step + 1 .. run.steps``, cycling through
+    shuffled train problems from prompt ``start.cursor`` on (``Prompt.index`` is the cursor)."""
     order = list(range(len(problems)))
     random.Random(run.seed).shuffle(order)
-    cursor = 0
-    for _ in range(run.steps):
+    cursor = start.cursor
+    for _ in range(run.steps - start.step):
         batch = []
         for _ in range(run.train_batch):
             p = problems[order[cursor % len(order)]]
@@ -58,13 +77,15 @@ def launch_workers(
     actor: ActorConfig,
     model_dir: Path,
     verifier: Verifier,
+    reward: RewardConfig | None = None,
+    inference: InferenceConfig | None = None,
 ) -> Workers:
     dtype, temperature = model.dtype, rollout.temperature
     return Workers(
         rollout=RolloutWorker.launch(cluster, place, rollout, model_dir, dtype, name="rollout"),
-        reward=RewardWorker.launch(cluster, place, verifier, name="reward"),
+        reward=RewardWorker.launch(cluster, place, verifier, reward, name="reward"),
         actor=ActorWorker.launch(cluster, place, actor, model_dir, temperature, dtype, name="actor"),
-        inference=InferenceWorker.launch(cluster, place, model_dir, temperature, dtype, name="inference")
+        inference=InferenceWorker.launch(cluster, place, model_dir, temperature, dtype, inference, name="inference")
         if actor.kl_coef > 0
         else None,
     )
@@ -79,3 +100,74 @@ def evaluate(w: Workers, prompts: Channel, samples: Channel, eval_prompts: list[
     scores = w.reward.call(RewardWorker.score, samples, None, len(eval_prompts)).wait()
     gen.wait()
     return merge_rank_metrics(scores)["reward/accuracy"]
+
+
+PROGRESS_FILE = "progress.json"
+
+
+def save_checkpoint(w: Workers, directory: Path, progress: Progress) -> None:
+    """Writes the actor's state (every rank), the rollout's sampling RNG and the data cursor into ``directory``."""
+    import torch
+
+    w.actor.call(ActorWorker.save_checkpoint, str(directory)).wait()
+    torch.save(w.rollout.call(RolloutWorker.rng_state).wait(), directory / "rollout-rng.pt")
+    (directory / PROGRESS_FILE).write_text(json.dumps({"step": progress.step, "cursor": progress.cursor}) + "\n")
+
+
+def find_checkpoint(resume_from: str | Path) -> Path:
+    """The checkpoint ``run.resume_from`` names: the directory itself, or a run directory's newest one."""
+    path = Path(resume_from).expanduser()
+    if not path.is_dir():
+        raise ConfigError(
+            f"run.resume_from={str(resume_from)!r} does not exist; pass a run directory (runs/<name>-<time>) "
+            f"or one of its checkpoints/<step> directories."
+        )
+    if (path / PROGRESS_FILE).is_file():
+        return path
+    found = sorted(d for d in path.glob("checkpoints/*") if (d / PROGRESS_FILE).is_file())
+    if not found:
+        raise ConfigError(
+            f"run.resume_from={str(resume_from)!r} holds no checkpoint (no {PROGRESS_FILE} in it or in its "
+            f"checkpoints/*/); a run writes one every run.save_every steps and when it ends. Pass a run that "
+            f"finished or saved, or drop run.resume_from to start afresh."
+        )
+    return max(found, key=lambda d: (read_progress(d).step, d.name == "final"))
+
+
+def read_progress(checkpoint: Path) -> Progress:
+    data = json.loads((checkpoint / PROGRESS_FILE).read_text())
+    return Progress(int(data["step"]), int(data["cursor"]))
+
+
+def resume(w: Workers, resume_from: str, run_dir: Path) -> Progress:
+    """Restores a checkpoint into freshly launched workers; returns where training continues.
+
+    The actor gets its weights, optimizer, version and RNG back, the rollout its sampling RNG and
+    the restored weights, and ``run_dir/metrics.jsonl`` the earlier run's records up to that step.
+    Without ``resume_from`` nothing happens and training starts at step 1.
+    """
+    if not resume_from:
+        return Progress()
+    import torch
+
+    checkpoint = find_checkpoint(resume_from)
+    progress = read_progress(checkpoint)
+    w.actor.call(ActorWorker.load_checkpoint, str(checkpoint)).wait()
+    rng_file = checkpoint / "rollout-rng.pt"
+    states = torch.load(rng_file, weights_only=False) if rng_file.is_file() else []
+    if len(states) == w.rollout.world_size:  # a different rollout world size samples differently anyway
+        for rank, state in enumerate(states):
+            w.rollout.on(rank).call(RolloutWorker.set_rng_state, state).wait()
+    w.actor.call(ActorWorker.push_weights, w.rollout).wait()
+    _continue_metrics(checkpoint.parent.parent / "metrics.jsonl", Path(run_dir) / "metrics.jsonl", progress.step)
+    return progress
+
+
+def _continue_metrics(source: Path, target: Path, step: int) -> None:
+    """Carries the records of steps up to ``step`` from ``source`` into ``target`` (dropping later ones)."""
+    if not source.is_file():
+        return
+    kept = [line for line in source.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    if source.resolve() != target.resolve() and target.is_file() and target.stat().st_size > 0:
+        return  # the target run already has its own records
+    target.write_text("".join(f"{line}\n" for line in kept))

@@ -27,12 +27,20 @@ from rlinf.envs.math_task import MathTaskConfig, format_prompt, make_splits
 from rlinf.errors import ConfigError
 from rlinf.metrics import MetricsWriter, merge_rank_metrics
 from rlinf.placement import Placement, PlacementConfig
+from rlinf.timeline import write_run_report
 from rlinf.workers.actor import ActorWorker
-from rlinf.workers.config import ActorConfig, ModelConfig, RewardConfig, RolloutConfig, RunConfig
+from rlinf.workers.config import (
+    ActorConfig,
+    InferenceConfig,
+    ModelConfig,
+    RewardConfig,
+    RolloutConfig,
+    RunConfig,
+)
 from rlinf.workers.inference import InferenceWorker
 from rlinf.workers.reward import RewardWorker, Verifier, math_verifier
 from rlinf.workers.rollout import Prompt, RolloutWorker
-from rlinf.workflows._shared import evaluate, launch_workers, prompt_batches
+from rlinf.workflows._shared import evaluate, launch_workers, prompt_batches, resume, save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,7 @@ class GRPOConfig:
     task: MathTaskConfig = field(default_factory=lambda: MathTaskConfig(prompt_style="plain", few_shot=0))
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     run: RunConfig = field(default_factory=RunConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
@@ -67,7 +76,7 @@ def main(
     show_progress: bool = True,
     verifier: Verifier | None = None,
 ) -> dict[str, float]:
-    """Runs GRPO; writes config.yaml, metrics.jsonl, checkpoints and trace.json into ``run_dir``.
+    """Runs GRPO; writes config.yaml, metrics.jsonl, checkpoints, the trace and its report into ``run_dir``.
 
     Args:
         cfg: the run's config.
@@ -91,8 +100,9 @@ def main(
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))  # prompt text only; tensors stay in workers
         splits = make_splits(cfg.task)
         place = Placement.from_config(cfg.placement, len(cluster.devices), cfg.components)
+        verify = verifier or math_verifier(cfg.task)
         w = launch_workers(
-            cluster, place, cfg.model, cfg.rollout, cfg.actor, model_dir, verifier or math_verifier(cfg.task)
+            cluster, place, cfg.model, cfg.rollout, cfg.actor, model_dir, verify, cfg.reward, cfg.inference
         )
         tag = run_dir.name
         prompts, samples, scored = Channel(f"{tag}/prompts", 0), Channel(f"{tag}/samples"), Channel(f"{tag}/scored")
@@ -100,13 +110,15 @@ def main(
         eval_problems = splits.eval[: cfg.run.eval_prompts]
         held_out = [Prompt(format_prompt(p, cfg.task, tokenizer), p, i) for i, p in enumerate(eval_problems)]
         checkpoints = run_dir / "checkpoints"
+        resumed = resume(w, cfg.run.resume_from, run_dir)  # step 0 unless run.resume_from is set
 
         with MetricsWriter(run_dir, cfg.run.steps, show_progress) as log:
             log.write(f"{log.note}\n{place}" if log.note else str(place))
             before = evaluate(w, prompts, samples, held_out)
             log.write(f"held-out accuracy before training: {before:.3f} ({len(held_out)} problems)")
             last: dict[str, float] = {}
-            for step, batch in enumerate(prompt_batches(splits.train, cfg.task, cfg.run, tokenizer), start=1):
+            batches = prompt_batches(splits.train, cfg.task, cfg.run, tokenizer, resumed)
+            for step, batch in enumerate(batches, start=resumed.step + 1):
                 start, n = time.perf_counter(), len(batch)
                 sync = w.actor.call(ActorWorker.push_weights, w.rollout).wait()
                 prompts.put_many(batch)
@@ -122,14 +134,16 @@ def main(
                 if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
                     last["eval/accuracy"] = evaluate(w, prompts, samples, held_out)
                 if cfg.run.save_every and step % cfg.run.save_every == 0:
-                    w.actor.on(0).call(ActorWorker.save_checkpoint, str(checkpoints / f"step-{step}")).wait()
+                    save_checkpoint(w, checkpoints / f"step-{step}", resumed.advanced(step, cfg.run.train_batch))
                 log.log(step, last)
             w.actor.call(ActorWorker.push_weights, w.rollout).wait()
             after = evaluate(w, prompts, samples, held_out)
             log.log(cfg.run.steps, {"eval/accuracy": after}, advance=False)
             log.write(f"held-out accuracy after training:  {after:.3f}")
-            w.actor.on(0).call(ActorWorker.save_checkpoint, str(checkpoints / "final")).wait()
-        cluster.write_trace(run_dir / "trace.json")
+            save_checkpoint(w, checkpoints / "final", resumed.advanced(cfg.run.steps, cfg.run.train_batch))
+            tracks = cluster.collect_tracks()
+            cluster.write_trace(run_dir / "trace.json", tracks)
+            log.write(write_run_report(tracks, run_dir))
         return {**last, "eval/accuracy_before": before, "eval/accuracy_after": after}
     finally:
         if own:

@@ -18,7 +18,8 @@ class ModelConfig:
     """Which model every LLM component loads.
 
     Args:
-        path: a Hugging Face model directory, ``pretrained:<name>`` (a packaged model, see
+        path: a Hugging Face model directory, a checkpoint directory a run wrote (its ``model/``
+            holds the full weights, e.g. after SFT), ``pretrained:<name>`` (a packaged model, see
             ``rlinf.models.PRETRAINED``) or ``tiny`` (a random tiny model built locally).
         tiny_arch: ``qwen2`` or ``llama``, for ``path=tiny``.
         tiny_size: a key of ``rlinf.models.TINY_SIZES``, for ``path=tiny``.
@@ -47,10 +48,17 @@ class ModelConfig:
         if self.path.startswith("pretrained:"):
             return Path(pretrained_model_path(self.path.split(":", 1)[1]))
         path = Path(self.path).expanduser()
+        if not path.exists():
+            raise ConfigError(
+                f"model.path={self.path!r} does not exist; pass a Hugging Face model directory, a checkpoint "
+                f"directory (runs/<run>/checkpoints/<step>), 'tiny' or 'pretrained:smollm2-135m-instruct'."
+            )
+        if (path / "model" / "config.json").is_file():  # a checkpoint: its full weights are in model/
+            path = path / "model"
         if not (path / "config.json").is_file():
             raise ConfigError(
                 f"model.path={self.path!r} is not a model directory (no config.json in it); pass a Hugging "
-                f"Face model directory, 'tiny' or 'pretrained:smollm2-135m-instruct'."
+                f"Face model directory, a checkpoint directory, 'tiny' or 'pretrained:smollm2-135m-instruct'."
             )
         return path
 
@@ -115,13 +123,24 @@ class ActorConfig:
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
         max_grad_norm: gradients are clipped to this global norm (0 = no clipping).
-        micro_batch_groups: groups taken from the input channel per forward/backward pass.
+        micro_batch_groups: most groups taken from the input channel per forward/backward pass.
+        min_micro_batch_groups: fewest groups a forward/backward pass waits for; between the two it
+            takes whatever has already arrived (elastic micro-batches). Any split gives the same step.
         clip_low: PPO ratio clip below (``1 - clip_low``).
         clip_high: PPO ratio clip above (``1 + clip_high``).
         aggregation: how per-token losses become a scalar (``token-mean`` keeps micro-batch
             accumulation exactly equal to the full-batch loss).
         kl_coef: weight of the k3 KL penalty to the reference model (0 = no reference model).
         seed: parameter-independent randomness (dropout; none in the stock models).
+        lora_rank: rank of LoRA adapters (0 = off, every weight trains); with LoRA only the adapters
+            train and sit in the optimizer, and the rollout receives merged full weights.
+        lora_alpha: LoRA scaling numerator (the update is ``alpha / rank * B @ A``).
+        lora_dropout: dropout on the LoRA input.
+        lora_target_modules: names (last path component) of the linear layers that get adapters.
+        backend: ``torch`` (AdamW, DDP-style gradient all-reduce) or ``deepspeed`` (ZeRO; needs the
+            ``deepspeed`` package: ``pip install -e '.[deepspeed]'``).
+        zero_stage: ZeRO stage with ``backend=deepspeed``: 1 shards optimizer state, 2 also gradients,
+            3 also parameters.
     """
 
     lr: float = 1e-4
@@ -134,6 +153,13 @@ class ActorConfig:
     aggregation: Aggregation = "token-mean"
     kl_coef: float = 0.0
     seed: int = 0
+    min_micro_batch_groups: int = 1
+    lora_rank: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    backend: Literal["torch", "deepspeed"] = "torch"
+    zero_stage: Literal[1, 2, 3] = 2
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -151,18 +177,74 @@ class ActorConfig:
             raise ConfigError(f"actor.kl_coef={self.kl_coef} must be >= 0 (0 turns the KL penalty off).")
         if self.max_grad_norm < 0:
             raise ConfigError(f"actor.max_grad_norm={self.max_grad_norm} must be >= 0 (0 = no clipping).")
+        if not 1 <= self.min_micro_batch_groups <= self.micro_batch_groups:
+            raise ConfigError(
+                f"actor.min_micro_batch_groups={self.min_micro_batch_groups} must be between 1 and "
+                f"actor.micro_batch_groups={self.micro_batch_groups}; try min_micro_batch_groups=1."
+            )
+        if self.lora_rank < 0:
+            raise ConfigError(f"actor.lora_rank={self.lora_rank} must be >= 0 (0 turns LoRA off); try 8.")
+        if self.lora_rank > 0:
+            if self.lora_alpha <= 0:
+                raise ConfigError(f"actor.lora_alpha={self.lora_alpha} must be > 0; try 2 * lora_rank.")
+            if not 0 <= self.lora_dropout < 1:
+                raise ConfigError(f"actor.lora_dropout={self.lora_dropout} must be in [0, 1); try 0.0.")
+            if not self.lora_target_modules:
+                raise ConfigError(
+                    "actor.lora_target_modules is empty; name the linear layers to adapt, e.g. [q_proj, v_proj]."
+                )
+        if self.backend not in ("torch", "deepspeed"):
+            raise ConfigError(f"actor.backend={self.backend!r} is not 'torch' or 'deepspeed'.")
+        if self.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"actor.zero_stage={self.zero_stage} is not 1, 2 or 3; try zero_stage=2.")
+
+
+def _check_micro_batch(section: str, lo: int, hi: int) -> None:
+    if lo < 1:
+        raise ConfigError(f"{section}.min_micro_batch_groups={lo} must be >= 1; try 1 (take whatever has arrived).")
+    if hi < lo:
+        raise ConfigError(
+            f"{section}.max_micro_batch_groups={hi} is below {section}.min_micro_batch_groups={lo}; "
+            f"set {section}.max_micro_batch_groups={lo} or more."
+        )
 
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Which rule scores responses.
+    """Which rule scores responses, and how many groups one scoring pass takes.
 
     Args:
         verifier: ``math`` checks the math task's exact integer answer and answer format (its
             format reward and answer format are set in the task section).
+        min_micro_batch_groups: a pass waits for at least this many groups (fewer only at the end
+            of the rank's share).
+        max_micro_batch_groups: and takes whatever else has already arrived, up to this many.
     """
 
     verifier: Literal["math"] = "math"
+    min_micro_batch_groups: int = 1
+    max_micro_batch_groups: int = 8
+
+    def __post_init__(self) -> None:
+        _check_micro_batch("reward", self.min_micro_batch_groups, self.max_micro_batch_groups)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Reference log-probs (launched only with ``actor.kl_coef > 0``): groups per forward pass.
+
+    Args:
+        min_micro_batch_groups: a forward pass waits for at least this many groups (fewer only at
+            the end of the rank's share).
+        max_micro_batch_groups: and takes whatever else has already arrived, up to this many; bounds
+            the pass's memory (``B * R * vocab`` log-probs).
+    """
+
+    min_micro_batch_groups: int = 1
+    max_micro_batch_groups: int = 4
+
+    def __post_init__(self) -> None:
+        _check_micro_batch("inference", self.min_micro_batch_groups, self.max_micro_batch_groups)
 
 
 @dataclass(frozen=True)
@@ -179,6 +261,8 @@ class RunConfig:
         name: run name prefix.
         seed: prompt order.
         cpu_cores_per_slot: cores per CPU slot of an embedded cluster.
+        resume_from: a run directory (its newest checkpoint) or one checkpoint directory to continue
+            from: actor weights, optimizer, version, RNG and the next training batch are restored.
     """
 
     steps: int = 10
@@ -190,6 +274,7 @@ class RunConfig:
     name: str = "grpo"
     seed: int = 0
     cpu_cores_per_slot: int = 1
+    resume_from: str = ""
 
     def __post_init__(self) -> None:
         if self.steps < 0:

@@ -1,7 +1,8 @@
 """Log-probs of given responses under a model: the helper the actor trains with, and InferenceWorker.
 
 ``InferenceWorker`` computes reference-model log-probs for a KL penalty; GRPO with ``kl_coef=0``
-does not launch it.
+does not launch it. It takes groups in elastic micro-batches (``inference.min_micro_batch_groups``
+to ``inference.max_micro_batch_groups``) and runs each micro-batch as one forward pass.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from torch import Tensor
 
 from rlinf.channel import Channel
 from rlinf.worker import Worker
+from rlinf.workers.config import InferenceConfig
+from rlinf.workers.micro_batch import ElasticPull
 from rlinf.workers.rollout import Group, load_model, rank_share
 
 
@@ -91,7 +94,8 @@ def token_logprobs(model: Any, batch: PackedBatch, temperature: float) -> Tensor
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     r = batch.response_ids.shape[1]
     # logits at position p predict token p + 1: response token t sits at prompt_len + t.
-    pos = (batch.prompt_lens[:, None] - 1 + torch.arange(r)[None, :]).clamp(max=logits.shape[1] - 1)
+    steps = torch.arange(r, device=batch.prompt_lens.device)
+    pos = (batch.prompt_lens[:, None] - 1 + steps[None, :]).clamp(max=logits.shape[1] - 1)
     picked = logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1])).float()
     logp = torch.log_softmax(picked / temperature, dim=-1)
     out = logp.gather(2, batch.response_ids[:, :, None]).squeeze(2)
@@ -105,25 +109,56 @@ class InferenceWorker(Worker):
         model_dir: the model directory (resolved by the driver).
         temperature: the rollout's sampling temperature.
         dtype: parameter dtype.
+        cfg: the inference section (micro-batch bounds); default ``InferenceConfig()``.
     """
 
-    def __init__(self, model_dir: str | Path, temperature: float = 1.0, dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        temperature: float = 1.0,
+        dtype: str = "float32",
+        cfg: InferenceConfig | None = None,
+    ) -> None:
         self.model, self.tokenizer = load_model(model_dir, dtype, self.device)
         self.model.eval()
         self.temperature = temperature
+        self.cfg = cfg or InferenceConfig()
 
     def infer(self, inp: Channel, out: Channel, num_groups: int) -> dict[str, float]:
-        """Takes this rank's share of ``num_groups`` groups, adds ``ref_logprobs`` and forwards each."""
+        """Takes this rank's share of ``num_groups`` groups, adds ``ref_logprobs`` and forwards each.
+
+        Groups come in elastic micro-batches, one forward pass each; returns the groups done and the
+        micro-batch sizes seen (``inference/micro_batch_*``).
+        """
         mine = rank_share(num_groups, self.rank, self.world_size)
         start, done = time.perf_counter(), 0
+        pulls = ElasticPull(self.cfg.min_micro_batch_groups, self.cfg.max_micro_batch_groups)
         while done < mine:
-            item = inp.get_item()
-            group: Group = item.payload
-            with self.device_lock(), torch.no_grad():
-                batch = pack_groups([group], int(self.tokenizer.pad_token_id))
-                ref = token_logprobs(self.model, batch, self.temperature)
-            ref_full = torch.zeros_like(group.logprobs)
-            ref_full[:, : ref.shape[1]] = ref[:, : group.logprobs.shape[1]]
-            out.put(replace(group, ref_logprobs=ref_full), version=item.meta.version)
-            done += 1
-        return {"inference/groups": float(done), "time/inference": time.perf_counter() - start}
+            items = pulls.pull(inp, mine - done)
+            if not items:
+                raise RuntimeError(f"channel {inp.name!r} closed after {done} of {mine} groups.")
+            groups: list[Group] = [it.payload for it in items]
+            with self.device_lock():
+                refs = self.ref_logprobs(groups)
+            for item, group, ref in zip(items, groups, refs, strict=True):
+                out.put(replace(group, ref_logprobs=ref), version=item.meta.version)
+            done += len(items)
+        return {
+            "inference/groups": float(done),
+            **pulls.metrics("inference"),
+            "time/inference": time.perf_counter() - start,
+        }
+
+    def ref_logprobs(self, groups: Sequence[Group]) -> list[Tensor]:
+        """One forward pass over ``groups``; per group, ``[n, R]`` log-probs shaped like its ``logprobs``."""
+        with torch.no_grad():
+            batch = pack_groups(groups, int(self.tokenizer.pad_token_id))
+            ref = token_logprobs(self.model, batch, self.temperature)
+        out, row = [], 0
+        for g in groups:  # pack_groups lays out the samples group after group
+            full = torch.zeros_like(g.logprobs)
+            width = min(ref.shape[1], full.shape[1])
+            full[:, :width] = ref[row : row + g.size, :width].to(full.device)
+            out.append(full)
+            row += g.size
+        return out

@@ -1,4 +1,8 @@
-"""RewardWorker: rule-based verification of every sample; attaches rewards and forwards groups."""
+"""RewardWorker: rule-based verification of every sample; attaches rewards and forwards groups.
+
+Groups are taken in elastic micro-batches (``reward.min_micro_batch_groups`` to
+``reward.max_micro_batch_groups``): whatever has arrived, so scoring never waits for a full batch.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import torch
 
 from rlinf.channel import Channel
 from rlinf.worker import Worker
+from rlinf.workers.config import RewardConfig
+from rlinf.workers.micro_batch import ElasticPull
 from rlinf.workers.rollout import Group, rank_share
 
 # (completion, problem, truncated) -> (reward, correct, reason)
@@ -52,32 +58,41 @@ class RewardWorker(Worker):
 
     Args:
         verifier: ``(completion, problem, truncated) -> (reward, correct, reason)``; see ``math_verifier``.
+        cfg: the reward section (micro-batch bounds); default ``RewardConfig()``.
     """
 
-    def __init__(self, verifier: Verifier) -> None:
+    def __init__(self, verifier: Verifier, cfg: RewardConfig | None = None) -> None:
         self.verifier = verifier
+        self.cfg = cfg or RewardConfig()
 
     def score(self, inp: Channel, out: Channel | None, num_groups: int) -> dict[str, float]:
         """Scores this rank's share of ``num_groups`` groups from ``inp`` and forwards each to ``out``.
 
         With ``out=None`` the groups are only counted (evaluation). Returns reward mean, accuracy,
-        response length and failure counts over the groups this rank saw.
+        response length and failure counts over the groups this rank saw, and the sizes of the
+        micro-batches it took (``reward/micro_batch_*``).
         """
         mine = rank_share(num_groups, self.rank, self.world_size)
         start = time.perf_counter()
         total = count = right = tokens = raised = failed = truncated = 0.0
-        for _ in range(mine):
-            item = inp.get_item()
-            group = score_group(item.payload, self.verifier)
-            total += float(group.rewards.sum()) if group.rewards is not None else 0.0
-            count += group.size
-            right += sum(group.correct)
-            tokens += float(group.response_mask.sum())
-            raised += sum(1 for r in group.reasons if r.startswith("verifier raised"))
-            failed += sum(1 for f in group.failures if f)
-            truncated += sum(group.truncated)
-            if out is not None:
-                out.put(group, version=item.meta.version, weight=1.0)
+        pulls = ElasticPull(self.cfg.min_micro_batch_groups, self.cfg.max_micro_batch_groups)
+        taken = 0
+        while taken < mine:
+            items = pulls.pull(inp, mine - taken)
+            if not items:
+                raise RuntimeError(f"channel {inp.name!r} closed after {taken} of {mine} groups.")
+            taken += len(items)
+            for item in items:
+                group = score_group(item.payload, self.verifier)
+                total += float(group.rewards.sum()) if group.rewards is not None else 0.0
+                count += group.size
+                right += sum(group.correct)
+                tokens += float(group.response_mask.sum())
+                raised += sum(1 for r in group.reasons if r.startswith("verifier raised"))
+                failed += sum(1 for f in group.failures if f)
+                truncated += sum(group.truncated)
+                if out is not None:
+                    out.put(group, version=item.meta.version, weight=1.0)
         n = max(count, 1.0)
         return {
             "reward/mean": total / n,
@@ -87,5 +102,6 @@ class RewardWorker(Worker):
             "reward/failed_samples": failed,
             "rollout/truncated_fraction": truncated / n,
             "rollout/response_length": tokens / n,
+            **pulls.metrics("reward"),
             "time/reward": time.perf_counter() - start,
         }

@@ -58,6 +58,7 @@ class Group:
         correct: per sample, set by the reward worker.
         reasons: per sample verdicts, set by the reward worker.
         ref_logprobs: ``[n, R]`` reference log-probs, set by the inference worker.
+        values: ``[n, R]`` critic values of the prefix before each response token, set by the critic.
     """
 
     prompt_ids: Tensor
@@ -74,6 +75,7 @@ class Group:
     correct: tuple[bool, ...] = ()
     reasons: tuple[str, ...] = ()
     ref_logprobs: Tensor | None = None
+    values: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -375,6 +377,18 @@ class RolloutWorker(Worker):
 
     def get_version(self) -> int:
         return self.version
+
+    def rng_state(self) -> dict[str, Any]:
+        """This rank's sampling RNG state (torch CPU and CUDA), saved with checkpoints so a resumed run
+        samples what an uninterrupted one would (hf engine; vLLM keeps its own generator)."""
+        cuda = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
+        return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        """Restores what :meth:`rng_state` returned."""
+        torch.set_rng_state(state["cpu"])
+        if state.get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"])
 
     def offload(self) -> None:
         """On CUDA moves the hf engine's weights to CPU (vLLM keeps its memory); on CPU nothing moves."""
