@@ -7,7 +7,8 @@ For each seed, in alternation on the same machine:
             episodes reaches 475
     sb3     stable-baselines3 PPO with the RL Zoo's tuned CartPole-v1 hyperparameters (8 envs, n_steps 32,
             batch 256, 20 epochs, gamma 0.98, GAE lambda 0.8, linear lr 1e-3 and clip 0.2, 1e5 steps),
-            stopping on the same criterion (its episode buffer, latest 32 episodes)
+            stopping on the same criterion (its episode buffer, latest 32 episodes), in this process
+            with one torch thread (faster than the default for this small MLP)
 
 rlinf's time is reported twice: the training loop alone (from its first rollout) and the whole
 ``main`` call (launching the three workers, training, the final checkpoint and the trace). Starting
@@ -61,6 +62,7 @@ def run_rlinf(cluster: Any, seed: int, overrides: list[str]) -> dict[str, float]
 
 def run_sb3(seed: int) -> dict[str, float]:
     import numpy as np
+    import torch
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
@@ -82,6 +84,10 @@ def run_sb3(seed: int) -> dict[str, float]:
                     return False
             return True
 
+    # One torch thread, as each rlinf worker uses: with a 64x64 MLP more threads only add
+    # synchronisation (on a busy 2-core machine SB3 ran several times slower with the default of 2).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     start = time.perf_counter()
     env = make_vec_env("CartPole-v1", n_envs=8, seed=seed)
     model = PPO(
@@ -102,6 +108,7 @@ def run_sb3(seed: int) -> dict[str, float]:
     stop = StopAtTarget()
     model.learn(total_timesteps=100_000, callback=stop)
     elapsed = time.perf_counter() - start
+    torch.set_num_threads(threads)
     buf = [ep["r"] for ep in list(model.ep_info_buffer or [])[-WINDOW:]]
     return {
         "reached": float(stop.reached),
