@@ -72,8 +72,13 @@ def run_placed(model_dir: Path, run_dir: Path, mode: str, devices: dict[str, str
     return cli.main(["run", "ppo", str(EXAMPLE), "steps=2", *args, "--run-dir", str(run_dir), "--no-progress"])
 
 
+@pytest.mark.slow  # eight worker processes on two cores: about twice the hybrid run
 def test_cli_runs_ppo_collocated_with_two_ranks_per_component(cluster, fresh_groups, model_dir, tmp_path):
-    """Every component on both slots: two DDP ranks each for critic and actor, taking turns on each slot."""
+    """Every component on both slots: two DDP ranks each for critic and actor, taking turns on each slot.
+
+    With two ranks per group sharing devices, a rank that waited in an all-reduce while holding a
+    device could block its peers for good; the critic reduces its gradients outside the device lock.
+    """
     assert run_placed(model_dir, tmp_path / "run", "collocated", dict.fromkeys(COMPONENTS, "all")) == 0
     check_run_dir(tmp_path / "run", model_dir)
 
