@@ -151,6 +151,14 @@ def throughput(a: Any, b: Any, transport: str, nbytes: int, run: int) -> float:
     return n * nbytes / (end - start) / 1e6
 
 
+LATENCY_ROWS = {
+    "rlinf": "rlinf, queues in the cluster hub",
+    "rlinf host=here": "rlinf, queues in their consumers",
+    "pyzmq": "raw pyzmq (PAIR)",
+    "ray actor call": "Ray actor call (driver -> B)",
+}
+
+
 def round_trip_us(a: Any, b: Any, transport: str, n: int, run: int) -> float:
     if transport.startswith("rlinf"):
         if transport == "rlinf":
@@ -180,45 +188,50 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--pings", type=int, default=2000)
+    parser.add_argument("--only", choices=["throughput", "latency"], default=None, help="run just one of the two parts")
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
     args = parser.parse_args()
 
+    results: dict[str, Any] = {"throughput_MBps": {}, "round_trip_us": {}, "repeats": args.repeats}
     with Cluster() as cluster:
         a = Bench.launch(cluster, [0], name="bench-a")
         b = Bench.launch(cluster, [1], name="bench-b")
-        results: dict[str, Any] = {"throughput_MBps": {}, "round_trip_us": {}, "repeats": args.repeats}
-        for label, nbytes in SIZES.items():
-            runs: dict[str, list[float]] = {"rlinf": [], "ray": [], "pyzmq": []}
+        if args.only != "latency":
+            for label, nbytes in SIZES.items():
+                runs: dict[str, list[float]] = {"rlinf": [], "ray": [], "pyzmq": []}
+                for r in range(args.repeats):
+                    for transport in runs:  # interleaved, so drift on a shared machine hits all alike
+                        runs[transport].append(throughput(a, b, transport, nbytes, r))
+                results["throughput_MBps"][label] = {k: statistics.median(v) for k, v in runs.items()}
+                print(f"  {label}: " + ", ".join(f"{k} {statistics.median(v):.0f} MB/s" for k, v in runs.items()))
+        if args.only != "throughput":
+            lat: dict[str, list[float]] = {t: [] for t in LATENCY_ROWS}
             for r in range(args.repeats):
-                for transport in runs:  # interleaved, so drift on a shared machine hits all alike
-                    runs[transport].append(throughput(a, b, transport, nbytes, r))
-            results["throughput_MBps"][label] = {k: statistics.median(v) for k, v in runs.items()}
-            print(f"  {label}: " + ", ".join(f"{k} {statistics.median(v):.0f} MB/s" for k, v in runs.items()))
-        lat: dict[str, list[float]] = {"rlinf": [], "rlinf host=here": [], "pyzmq": [], "ray actor call": []}
-        for r in range(args.repeats):
-            for transport in lat:
-                n = args.pings if transport != "ray actor call" else max(200, args.pings // 5)
-                lat[transport].append(round_trip_us(a, b, transport, n, r))
-        results["round_trip_us"] = {k: statistics.median(v) for k, v in lat.items()}
+                for transport in lat:
+                    n = args.pings if transport != "ray actor call" else max(200, args.pings // 5)
+                    lat[transport].append(round_trip_us(a, b, transport, n, r))
+                print(f"  round trip, run {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} us" for k, v in lat.items()))
+            results["round_trip_us"] = {k: statistics.median(v) for k, v in lat.items()}
+            # ratios taken run by run (the same minutes of a shared machine), then their median
+            results["round_trip_ratio"] = {
+                k: statistics.median(x / z for x, z in zip(v, lat["pyzmq"], strict=True)) for k, v in lat.items()
+            }
 
-    print()
-    print(f"Channel throughput, MB/s (median of {args.repeats} runs; two workers on two CPU slots)")
-    print(f"{'payload':<8} {'rlinf':>9} {'raw Ray':>9} {'raw pyzmq':>10} {'rlinf / faster raw':>20}")
-    for label, row in results["throughput_MBps"].items():
-        best = max(row["ray"], row["pyzmq"])
-        print(f"{label:<8} {row['rlinf']:>9.0f} {row['ray']:>9.0f} {row['pyzmq']:>10.0f} {row['rlinf'] / best:>19.2f}x")
-    rt = results["round_trip_us"]
-    print()
-    print("Small-item round trip A -> B -> A, microseconds (median)")
-    print(f"{'transport':<34} {'us':>7} {'/ raw pyzmq':>12}")
-    rows = {
-        "rlinf, queues in the cluster hub": rt["rlinf"],
-        "rlinf, queues in their consumers": rt["rlinf host=here"],
-        "raw pyzmq (PAIR)": rt["pyzmq"],
-        "Ray actor call (driver -> B)": rt["ray actor call"],
-    }
-    for label, us in rows.items():
-        print(f"{label:<34} {us:>7.0f} {us / rt['pyzmq']:>11.2f}x")
+    if results["throughput_MBps"]:
+        print()
+        print(f"Channel throughput, MB/s (median of {args.repeats} runs; two workers on two CPU slots)")
+        print(f"{'payload':<8} {'rlinf':>9} {'raw Ray':>9} {'raw pyzmq':>10} {'rlinf / faster raw':>20}")
+        for label, row in results["throughput_MBps"].items():
+            best = max(row["ray"], row["pyzmq"])
+            ratio = row["rlinf"] / best
+            print(f"{label:<8} {row['rlinf']:>9.0f} {row['ray']:>9.0f} {row['pyzmq']:>10.0f} {ratio:>19.2f}x")
+    if results["round_trip_us"]:
+        rt, ratio = results["round_trip_us"], results["round_trip_ratio"]
+        print()
+        print(f"Small-item round trip A -> B -> A, microseconds (median of {args.repeats} runs)")
+        print(f"{'transport':<34} {'us':>7} {'/ raw pyzmq, per run':>21}")
+        for key, label in LATENCY_ROWS.items():
+            print(f"{label:<34} {rt[key]:>7.0f} {ratio[key]:>20.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -38,10 +38,15 @@ from rlinf.channel_hub import (
     NOCHAN,
     OK,
     REDIRECT,
+    ROOM,
     ChannelHub,
+    Frames,
     batch_layout,
     bind_endpoint,
     connect_address,
+    recv_frames,
+    request_head,
+    send_message,
     split_batch,
     this_machine,
 )
@@ -55,7 +60,10 @@ ITER_PREFETCH = 8  # items one request of an iterating consumer may take
 TRACE_MIN_S = 50e-6  # shorter channel waits are not recorded as spans
 _F64 = struct.Struct("<d")
 _U32 = struct.Struct("<I")
+# an item's first frame: whether its buffers are elsewhere, rank, version, weight, put time, name length
+_META = struct.Struct("<?iqddH")
 _INF = float("inf")
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,7 @@ class Channel:
             alias = _process().conn(central).request(self._key, b"ALIAS", [self._hub.encode()])
             if alias.status != OK:
                 raise RlinfError(
-                    f"channel {name!r} already exists elsewhere ({alias.frames[0].bytes.decode()}); "
+                    f"channel {name!r} already exists elsewhere ({bytes(alias.frames[0]).decode()}); "
                     f"pick another name or create it without host='here'."
                 )
         else:
@@ -154,6 +162,7 @@ class Channel:
             # The hub said there is room: send without waiting for an answer (only a failure is
             # answered, and read with the next reply on this socket). Saves wake-ups per item.
             conn.send_ahead(self._key, _F64.pack(weight), frames, key)
+            _record_waits()  # now that the item is on its way
             return
         start = time.time()
         try:
@@ -161,7 +170,7 @@ class Channel:
         except BaseException:
             _release(key)
             raise
-        _trace_wait(f"put {self.name}", start)
+        _trace_wait("put", self.name, start)
         conn.note_room(self._key, reply)
         self._check_put(reply.status, key, timeout)
 
@@ -192,7 +201,10 @@ class Channel:
             ChannelClosed: closed and drained.
             TimeoutError: nothing arrived within ``timeout`` seconds.
         """
-        return self.get_item(timeout).payload
+        batch = self._take(1, 0.0, _INF, timeout)
+        if not batch:
+            raise ChannelClosed(f"channel {self.name!r} is closed and drained")
+        return _load(batch[0])[0]
 
     def get_item(self, timeout: float | None = None) -> Item:
         """Like :meth:`get`, with the item's metadata."""
@@ -222,8 +234,7 @@ class Channel:
 
     def __iter__(self) -> Iterator[Any]:
         """Yields items until the channel is closed and drained."""
-        for item in self.items():
-            yield item.payload
+        return self._iterate(with_meta=False)
 
     def items(self) -> Iterator[Item]:
         """Yields items with metadata until the channel is closed and drained.
@@ -232,22 +243,39 @@ class Channel:
         round trip per item when items come faster than they are handled; items still held when
         the loop stops early go back to the front of the channel.
         """
-        held: deque[tuple[float, list[zmq.Frame]]] = deque()
+        return self._iterate(with_meta=True)
+
+    def _iterate(self, with_meta: bool) -> Iterator[Any]:
+        hub = _process().hosted(self._hub)
+        held: deque[tuple[float, Frames]] = deque()
         try:
             while True:
                 if not held:
+                    _record_waits()
                     start = time.time()
-                    reply = self._call(b"GET", [], None, args=GET_ARGS.pack(ITER_PREFETCH, 0.0, _INF))
-                    _trace_wait(f"get {self.name}", start)
-                    if reply.status == CLOSED:
-                        return
-                    self._check_items(reply, None)
-                    held.extend(split_batch(reply.extra, reply.frames))
+                    if hub is not None:
+                        try:
+                            batch = hub.local_get(self._key, ITER_PREFETCH, 0.0, _INF, None)
+                        except KeyError:
+                            raise self._missing() from None
+                        _note_wait(self.name, start)
+                        if batch is None:
+                            return
+                        held.extend(batch)
+                    else:
+                        reply = self._call(b"GET", [], None, args=GET_ARGS.pack(ITER_PREFETCH, 0.0, _INF))
+                        _note_wait(self.name, start)
+                        if reply.status == CLOSED:
+                            return
+                        self._check_items(reply, None)
+                        held.extend(split_batch(reply.extra, reply.frames))
                 _, frames = held.popleft()
-                yield _decode(frames, time.time())
+                yield _decode(frames, time.time()) if with_meta else _load(frames)[0]
         finally:
-            if held:
-                self._call(b"REQUEUE", [batch_layout(list(held)), *(f for _, fs in held for f in fs)])
+            if held and hub is not None:
+                hub.local_requeue(self._key, list(held))
+            elif held:
+                self._call(b"REQUEUE", [batch_layout(list(held)), *[f for _, fs in held for f in fs]])
 
     def close(self) -> None:
         """No more puts; consumers drain what is queued, then iteration ends."""
@@ -261,7 +289,7 @@ class Channel:
         import json
 
         reply = self._call(b"STAT", [])
-        return json.loads(reply.frames[0].bytes)
+        return json.loads(bytes(reply.frames[0]))
 
     def qsize(self) -> int:
         return int(self.stats()["size"])
@@ -277,7 +305,7 @@ class Channel:
         except BaseException:
             _release(key)
             raise
-        _trace_wait(f"put {self.name}", start)
+        _trace_wait("put", self.name, start)
         self._check_put(reply.status, key, None)
 
     async def aget(self) -> Any:
@@ -309,9 +337,9 @@ class Channel:
     def _call(self, op: bytes, rest: list, timeout: float | None = None, args: bytes = b"") -> Reply:
         reply = _process().conn(self._hub).request(self._key, op, rest, timeout, args)
         if reply.status == NOCHAN:
-            raise RlinfError(f"channel {self.name!r} does not exist on the hub; create it with Channel(name).")
+            raise self._missing()
         if reply.status == b"ER":
-            raise RlinfError(f"channel hub rejected {op.decode()} on {self.name!r}: {reply.frames[0].bytes.decode()}")
+            raise RlinfError(f"channel hub rejected {op.decode()} on {self.name!r}: {bytes(reply.frames[0]).decode()}")
         return reply
 
     def _check_put(self, status: bytes, key: int | None, timeout: float | None) -> None:
@@ -325,15 +353,38 @@ class Channel:
         raise RlinfError(f"unexpected reply {status!r} to put on channel {self.name!r}")
 
     def _get(self, max_items: int, lo: float, hi: float, timeout: float | None) -> list[Item]:
+        batch = self._take(max_items, lo, hi, timeout)
+        now = time.time()
+        return [_decode(frames, now) for frames in batch]
+
+    def _take(self, max_items: int, lo: float, hi: float, timeout: float | None) -> list[Frames]:
+        """The frames of the items a get takes; ``[]`` once the channel is closed and drained."""
+        _record_waits()
         start = time.time()
+        hub = _process().hosted(self._hub)
+        if hub is not None:  # hosted here: this thread reads the items off the hub's socket itself
+            try:
+                batch = hub.local_get(self._key, max_items, lo, hi, timeout)
+            except KeyError:
+                raise self._missing() from None
+            except TimeoutError:
+                raise TimeoutError(f"nothing arrived on channel {self.name!r} within {timeout} s") from None
+            _note_wait(self.name, start)
+            return [] if batch is None else [frames for _, frames in batch]
         reply = self._call(b"GET", [], timeout, args=GET_ARGS.pack(max_items, lo, hi))
-        _trace_wait(f"get {self.name}", start)
-        return self._decode_reply(reply, timeout)
+        _note_wait(self.name, start)
+        if reply.status == CLOSED:
+            return []
+        self._check_items(reply, timeout)
+        return [frames for _, frames in split_batch(reply.extra, reply.frames)]
+
+    def _missing(self) -> RlinfError:
+        return RlinfError(f"channel {self.name!r} does not exist on the hub; create it with Channel(name).")
 
     async def _aget(self, max_items: int, lo: float, hi: float) -> list[Item]:
         start = time.time()
         reply = await _process().aconn(self._hub).request(self._key, b"GET", [], GET_ARGS.pack(max_items, lo, hi))
-        _trace_wait(f"get {self.name}", start)
+        _trace_wait("get", self.name, start)
         return self._decode_reply(reply, None)
 
     def _check_items(self, reply: Reply, timeout: float | None) -> None:
@@ -356,11 +407,11 @@ class Channel:
 def _encode(item: Any, version: int, weight: float) -> tuple[list, int | None]:
     """Returns the frames of an item and, for a large one, its key in this process's data server."""
     header, buffers = serialization.dumps(item)
-    producer, rank = _identity
-    sizes = [b.nbytes for b in buffers]
-    total = sum(sizes)
+    producer, rank = _identity[2], _identity[1]
     remote: tuple[Any, ...] | None = None
     key = None
+    sizes = [b.nbytes for b in buffers] if buffers else []
+    total = sum(sizes)
     if total >= DIRECT_BYTES:
         proc = _process()
         server = proc.data_server()
@@ -374,17 +425,30 @@ def _encode(item: Any, version: int, weight: float) -> tuple[list, int | None]:
             key = server.store(buffers)
             remote = (server.address, key, sizes, None)
         buffers = []
-    meta = pickle.dumps((producer, rank, version, weight, time.time(), remote), protocol=5)
-    return [_U32.pack(len(meta)) + meta + header, *buffers], key
+    meta = _META.pack(remote is not None, rank, version, weight, time.time(), len(producer)) + producer
+    if remote is not None:
+        where = pickle.dumps(remote, protocol=5)
+        meta += _U32.pack(len(where)) + where
+    return [meta + header, *buffers], key
 
 
-def _decode(frames: list[zmq.Frame], now: float) -> Item:
-    first = frames[0].buffer
-    n = _U32.unpack(first[:4])[0]
-    producer, rank, version, weight, put_time, remote = pickle.loads(first[4 : 4 + n])
-    if remote is None:
-        buffers: list[Any] = [f.buffer for f in frames[1:]]
+def _decode(frames: Frames, now: float) -> Item:
+    payload, producer, rank, version, weight, put_time = _load(frames)
+    return Item(payload, ItemMeta(producer, rank, version, weight, put_time, now))
+
+
+def _load(frames: Frames) -> tuple[Any, str, int, int, float, float]:
+    """An item's payload, producer, rank, version, weight and put time."""
+    first = memoryview(frames[0])
+    remote, rank, version, weight, put_time, n = _META.unpack_from(first)
+    pos = _META.size + n
+    producer = _producer_name(bytes(first[_META.size : pos]))
+    if not remote:
+        buffers: list[Any] = frames[1:]
     else:
+        n = _U32.unpack_from(first, pos)[0]
+        remote = pickle.loads(first[pos + 4 : pos + 4 + n])
+        pos += 4 + n
         address, key, sizes, in_shm = remote
         proc = _process()
         if in_shm is not None and in_shm[4] == this_machine():
@@ -393,8 +457,17 @@ def _decode(frames: list[zmq.Frame], now: float) -> Item:
             buffers = shm.attach(path, off, total, offsets, sizes, lambda: releaser.release(address, key))
         else:
             buffers = proc.fetch(address, key, sizes)
-    payload = serialization.loads(first[4 + n :], buffers)
-    return Item(payload, ItemMeta(producer, rank, version, weight, put_time, now))
+    return serialization.loads(first[pos:], buffers), producer, rank, version, weight, put_time
+
+
+_names: dict[bytes, str] = {}
+
+
+def _producer_name(raw: bytes) -> str:
+    name = _names.get(raw)
+    if name is None:
+        name = _names[raw] = raw.decode()
+    return name
 
 
 def _release(key: int | None) -> None:
@@ -402,30 +475,52 @@ def _release(key: int | None) -> None:
         _process().data_server().discard(key)
 
 
-def _trace_wait(name: str, start: float) -> None:
+def _trace_wait(what: str, channel: str, start: float) -> None:
     end = time.time()
     if end - start >= TRACE_MIN_S:
-        tracer().add(name, "channel", start, end)
+        tracer().add(f"{what} {channel}", "channel", start, end)
+
+
+_waits = threading.local()  # per thread: get waits not recorded yet, (channel, start, end)
+
+
+def _note_wait(channel: str, start: float) -> None:
+    """Notes a get's wait for the trace; it is recorded later (see :func:`_record_waits`), so that a
+    consumer hands its item back first."""
+    end = time.time()
+    if end - start >= TRACE_MIN_S:
+        _waits.__dict__.setdefault("spans", []).append((channel, start, end))
+
+
+def _record_waits() -> None:
+    """Records the noted waits; called where the thread would wait or has just sent an item anyway."""
+    spans = _waits.__dict__.get("spans")
+    if spans:
+        t = tracer()
+        for channel, start, end in spans:
+            t.add(f"get {channel}", "channel", start, end)
+        spans.clear()
 
 
 # ---- per-process transport -------------------------------------------------------------------
 
-_identity: tuple[str, int] = ("driver", -1)
+_identity: tuple[str, int, bytes] = ("driver", -1, b"driver")
 
 
 def set_identity(producer: str, rank: int) -> None:
     """Names this process as the producer of the items it puts (set by the worker runtime)."""
     global _identity
-    _identity = (producer, rank)
+    _identity = (producer, rank, producer.encode())
 
 
 class _Conn:
     """One thread's DEALER socket to the hub; requests get exactly one reply each."""
 
-    def __init__(self, ctx: zmq.Context, address: str) -> None:
+    def __init__(self, ctx: zmq.Context, address: str, local: ChannelHub | None) -> None:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(address)
+        self.local = local  # the hub, when it is this process's own
         self._ids = itertools.count(1)
         self._pending: dict[bytes, bytes] = {}  # request id -> channel, for replies nobody waits for
         # puts sent ahead and not yet known to be queued: request id -> (channel, data-server key)
@@ -435,16 +530,35 @@ class _Conn:
 
     def can_send_ahead(self, chan: bytes) -> bool:
         # At most SEND_AHEAD puts go unanswered; then one waits for a reply, which settles them all.
-        return self.room.get(chan, 0) > 0 and len(self._ahead) < SEND_AHEAD
+        if len(self._ahead) >= SEND_AHEAD:
+            return False
+        if self.room.get(chan, 0) <= 0 and self._ahead:
+            self._read_arrived()  # the hub may have sent more room already
+        return self.room.get(chan, 0) > 0
+
+    def _read_arrived(self) -> None:
+        """Handles the replies that have already arrived (none is awaited: requests are synchronous)."""
+        sock = self.sock
+        if sock.getsockopt(_EVENTS) & _POLLIN:  # one at a time: each check costs microseconds
+            head = sock.recv()
+            self._take(head[:8], Reply(head[8:10], recv_frames(sock, _U32.unpack_from(head, 10)[0]), head[14:]))
 
     def send_ahead(self, chan: bytes, args: bytes, rest: list, key: int | None) -> None:
         req = next(self._ids).to_bytes(8, "little")
+        head = request_head(b"PUTA", req, len(rest) - 1, chan, args, rest[0])
+        if len(rest) == 1:
+            self.sock.send(head)
+        else:
+            send_message(self.sock, [head, *rest[1:]])
+        # Book-keeping after the send (only this thread reads the replies, so nothing is missed):
+        # the item is on its way meanwhile.
         self._ahead[req] = (chan, key)
         self.room[chan] -= 1
-        _send(self.sock, _head(b"PUTA", req, chan, args), rest)
+        if self.local is not None:
+            self.local.kick()
 
     def note_room(self, chan: bytes, reply: Reply) -> None:
-        if reply.status == OK and len(reply.extra) == 4:
+        if reply.status in (OK, ROOM) and len(reply.extra) == 4:
             self.room[chan] = _U32.unpack(reply.extra)[0]
 
     def sync(self, chan: bytes) -> None:
@@ -453,8 +567,13 @@ class _Conn:
             self.request(chan, b"SYNC", [])
 
     def _take(self, got: bytes, reply: Reply) -> None:
-        """Handles a reply nobody is waiting for: a failed put sent ahead, or an abandoned get."""
+        """Handles a reply nobody is waiting for: to a put sent ahead (room again, or it failed), or
+        to an abandoned get."""
         ahead = self._ahead.pop(got, None)
+        if ahead is not None and reply.status == ROOM:
+            self._settled(got, inclusive=True)
+            self.note_room(ahead[0], reply)
+            return
         if ahead is not None:
             chan, key = ahead
             self.room[chan] = 0
@@ -465,19 +584,21 @@ class _Conn:
         if chan_of_get is not None:
             _orphan(self, chan_of_get, reply)
 
-    def _settled(self, req: bytes) -> None:
+    def _settled(self, req: bytes, inclusive: bool = False) -> None:
         """The reply to ``req`` came: every put sent ahead before it was handled (one socket is FIFO)."""
-        n = int.from_bytes(req, "little")
+        n = int.from_bytes(req, "little") + inclusive
         for r in [r for r in self._ahead if int.from_bytes(r, "little") < n]:
             del self._ahead[r]
 
     def request(self, chan: bytes, op: bytes, rest: list, timeout: float | None = None, args: bytes = b"") -> Reply:
         req = next(self._ids).to_bytes(8, "little")
         self._pending[req] = chan
-        _send(self.sock, _head(op, req, chan, args), rest)
+        send_message(self.sock, _message(op, req, chan, args, rest))
+        if self.local is not None:
+            self.local.kick()
         if timeout is not None and not self._wait(req, timeout):
             # Exactly one reply still comes: the items (if they raced the cancel) or CANCELLED.
-            _send(self.sock, _head(b"CANCEL", next(self._ids).to_bytes(8, "little"), chan, req), [])
+            self.sock.send(request_head(b"CANCEL", next(self._ids).to_bytes(8, "little"), 0, chan, req))
         return self._recv(req)
 
     def _wait(self, req: bytes, timeout: float) -> bool:
@@ -486,7 +607,8 @@ class _Conn:
 
     def _recv(self, req: bytes) -> Reply:
         while True:
-            got, reply = _parse(self.sock.recv_multipart(copy=False))
+            head = self.sock.recv()
+            got, reply = head[:8], Reply(head[8:10], recv_frames(self.sock, _U32.unpack_from(head, 10)[0]), head[14:])
             if got == req:
                 self._pending.pop(got, None)
                 if self._ahead:
@@ -496,25 +618,23 @@ class _Conn:
 
 
 class Reply(NamedTuple):
-    """The hub's answer: a status code, the bytes after it in the head frame, the other frames."""
+    """The hub's answer: a status code, the frames after the head, the head's bytes after the count."""
 
     status: bytes
-    frames: list[zmq.Frame]
+    frames: Frames
     extra: bytes = b""
 
 
-def _head(op: bytes, req: bytes, chan: bytes, args: bytes = b"") -> bytes:
-    return op.ljust(8) + req + args + chan
+def _message(op: bytes, req: bytes, chan: bytes, args: bytes, rest: list) -> list:
+    """A request's frames; a put's item travels with its first frame inside the head."""
+    if op == b"PUT":
+        return [request_head(op, req, len(rest) - 1, chan, args, rest[0]), *rest[1:]]
+    return [request_head(op, req, len(rest), chan, args), *rest]
 
 
 def _parse(msg: list[zmq.Frame]) -> tuple[bytes, Reply]:
     head = msg[0].bytes
-    return head[:8], Reply(head[8:10], msg[1:], head[10:])
-
-
-def _send(sock: zmq.Socket, head: bytes, rest: list) -> None:
-    # Frames that came from zmq or hold tensor memory go zero-copy; small ones are cheaper copied.
-    sock.send_multipart([head, *rest], copy=not any(isinstance(r, (zmq.Frame, memoryview)) for r in rest))
+    return head[:8], Reply(head[8:10], msg[1:], head[14:])
 
 
 def flush_thread() -> None:
@@ -526,7 +646,8 @@ def flush_thread() -> None:
     Raises:
         ChannelClosed: some of those puts found their channel closed and were not delivered.
     """
-    if _state is None or _state_pid != os.getpid():
+    _record_waits()
+    if _state is None:
         return
     lost = []
     for conn in _state._local.__dict__.get("conns", {}).values():
@@ -543,17 +664,20 @@ def _orphan(conn: _Conn, chan: bytes, reply: Reply) -> None:
     """A reply to an abandoned get: put its items back at the front so nothing is lost."""
     if reply.status == ITEMS:
         req = next(conn._ids).to_bytes(8, "little")
-        _send(conn.sock, _head(b"REQUEUE", req, chan), [reply.extra, *reply.frames])
+        send_message(
+            conn.sock, [request_head(b"REQUEUE", req, 1 + len(reply.frames), chan), reply.extra, *reply.frames]
+        )
         conn._pending[req] = chan
 
 
 class _AsyncConn:
     """A DEALER socket for one event loop; a reader task routes replies to their futures."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, address: str) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, local: ChannelHub | None) -> None:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(address)
+        self.local = local
         self._ids = itertools.count(1)
         self._futures: dict[bytes, asyncio.Future] = {}
         self._chans: dict[bytes, bytes] = {}
@@ -565,7 +689,9 @@ class _AsyncConn:
         req = next(self._ids).to_bytes(8, "little")
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._futures[req], self._chans[req] = fut, chan
-        await self.sock.send_multipart([_head(op, req, chan, args), *rest], copy=False)
+        await self.sock.send_multipart(_message(op, req, chan, args, rest), copy=False)
+        if self.local is not None:
+            self.local.kick()
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -573,7 +699,7 @@ class _AsyncConn:
                 fut.add_done_callback(lambda f: None)
                 self._futures.pop(req, None)
                 cancel = next(self._ids).to_bytes(8, "little")
-                await self.sock.send_multipart([_head(b"CANCEL", cancel, chan, req)])
+                await self.sock.send_multipart([request_head(b"CANCEL", cancel, 0, chan, req)])
             raise
 
     async def _read(self) -> None:
@@ -586,7 +712,8 @@ class _AsyncConn:
             elif chan is not None and reply.status == ITEMS:
                 requeue = next(self._ids).to_bytes(8, "little")
                 self._chans[requeue] = chan
-                frames = [_head(b"REQUEUE", requeue, chan), reply.extra, *reply.frames]
+                head = request_head(b"REQUEUE", requeue, 1 + len(reply.frames), chan)
+                frames = [head, reply.extra, *reply.frames]
                 await self.sock.send_multipart(frames, copy=False)
 
 
@@ -665,6 +792,7 @@ class _Process:
         self._server: DataServer | None = None
         self._hub: str | None = None
         self._local_hub: ChannelHub | None = None
+        self._local_address = ""
         self._pool: shm.SharedPool | None = None
         self._pool_tried = False
         self._releaser: shm.Releaser | None = None
@@ -698,7 +826,12 @@ class _Process:
                 from rlinf.cluster import bind_ip
 
                 self._local_hub = ChannelHub(bind_ip())
-            return self._local_hub.address()
+                self._local_address = self._local_hub.address()
+            return self._local_address
+
+    def hosted(self, address: str) -> ChannelHub | None:
+        """This process's own hub, if ``address`` is its address."""
+        return self._local_hub if address == self._local_address else None
 
     def hub_address(self) -> str:
         if self._hub is None:
@@ -718,13 +851,13 @@ class _Process:
     def conn(self, address: str) -> _Conn:
         conns = self._local.__dict__.setdefault("conns", {})
         if address not in conns:
-            conns[address] = _Conn(self.ctx, connect_address(address))
+            conns[address] = _Conn(self.ctx, connect_address(address), self.hosted(address))
         return conns[address]
 
     def aconn(self, address: str) -> _AsyncConn:
         key = (id(asyncio.get_running_loop()), address)
         if key not in self._aconns:
-            self._aconns[key] = _AsyncConn(self.actx, connect_address(address))
+            self._aconns[key] = _AsyncConn(self.actx, connect_address(address), self.hosted(address))
         return self._aconns[key]
 
     def data_server(self) -> DataServer:
@@ -766,17 +899,27 @@ class _Process:
 
 
 _state: _Process | None = None
-_state_pid = -1
 _state_lock = threading.Lock()
 
 
+def _forget_state() -> None:
+    global _state, _state_lock
+    _state, _state_lock = None, threading.Lock()
+
+
+# A forked child makes its transport state anew: sockets and threads don't survive a fork.
+os.register_at_fork(after_in_child=_forget_state)
+
+
 def _process() -> _Process:
-    """This process's transport state, made anew in a forked child (sockets don't survive a fork)."""
-    global _state, _state_pid
+    """This process's transport state."""
     state = _state
-    if state is None or _state_pid != os.getpid():
-        with _state_lock:
-            if _state is None or _state_pid != os.getpid():
-                _state, _state_pid = _Process(), os.getpid()
-            state = _state
-    return state
+    return state if state is not None else _make_state()
+
+
+def _make_state() -> _Process:
+    global _state
+    with _state_lock:
+        if _state is None:
+            _state = _Process()
+        return _state

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import threading
 from typing import Any
 
 import numpy as np
@@ -39,20 +40,48 @@ class _Pickler(cloudpickle.Pickler):
         return super().reducer_override(obj)
 
 
-def dumps(obj: Any) -> tuple[bytes, list[memoryview]]:
-    """Pickles ``obj``; returns the header and the out-of-band buffers (views, not copies)."""
-    buffers: list[memoryview] = []
+class _Reusable:
+    """One pickler per thread, reused: building a cloudpickle pickler costs more than pickling a small item."""
 
-    def keep_out_of_band(pb: pickle.PickleBuffer) -> bool:
+    def __init__(self) -> None:
+        self.file = io.BytesIO()
+        self.buffers: list[memoryview] = []
+        self.pickler = _Pickler(self.file, protocol=5, buffer_callback=self._keep_out_of_band)
+        self.busy = False
+
+    def _keep_out_of_band(self, pb: pickle.PickleBuffer) -> bool:
         view = pb.raw()
         if view.nbytes < INLINE_BYTES:
             return True  # in band
-        buffers.append(view)
+        self.buffers.append(view)
         return False
 
-    f = io.BytesIO()
-    _Pickler(f, protocol=5, buffer_callback=keep_out_of_band).dump(obj)
-    return f.getvalue(), buffers
+    def dumps(self, obj: Any) -> tuple[bytes, list[memoryview]]:
+        self.busy = True
+        self.buffers = []
+        try:
+            self.pickler.dump(obj)
+            return self.file.getvalue(), self.buffers
+        finally:
+            # forget this item: the memo holds its objects, the file its bytes
+            self.pickler.clear_memo()
+            self.pickler.globals_ref = {}
+            self.file.seek(0)
+            self.file.truncate()
+            self.busy = False
+
+
+_local = threading.local()
+
+
+def dumps(obj: Any) -> tuple[bytes, list[memoryview]]:
+    """Pickles ``obj``; returns the header and the out-of-band buffers (views, not copies)."""
+    reusable = _local.__dict__.get("pickler")
+    if reusable is None:
+        reusable = _local.pickler = _Reusable()
+    if reusable.busy:  # pickling from inside a pickling (a __reduce__ that calls dumps)
+        return _Reusable().dumps(obj)
+    return reusable.dumps(obj)
 
 
 def loads(header: bytes | memoryview, buffers: list[Any]) -> Any:

@@ -31,7 +31,7 @@ class Tracer:
     """Collects spans of one process; thread-safe."""
 
     def __init__(self) -> None:
-        self._spans: list[Span] = []
+        self._spans: list[tuple[str, str, float, float, int, dict[str, Any] | None]] = []
         self._lock = threading.Lock()
         self.dropped = 0
         self.enabled = True
@@ -39,12 +39,13 @@ class Tracer:
     def add(self, name: str, cat: str, start: float, end: float, args: dict[str, Any] | None = None) -> None:
         if not self.enabled:
             return
-        span = Span(name, cat, start, end, threading.get_ident(), args)
+        # kept as a tuple until drained: building the frozen Span costs more than all the rest
+        record = (name, cat, start, end, threading.get_ident(), args)
         with self._lock:
             if len(self._spans) >= MAX_EVENTS:
                 self.dropped += 1
             else:
-                self._spans.append(span)
+                self._spans.append(record)
 
     @contextmanager
     def span(self, name: str, cat: str, args: dict[str, Any] | None = None) -> Iterator[None]:
@@ -57,8 +58,8 @@ class Tracer:
     def drain(self) -> list[Span]:
         """Returns the spans recorded so far and forgets them."""
         with self._lock:
-            spans, self._spans = self._spans, []
-        return spans
+            records, self._spans = self._spans, []
+        return [Span(*r) for r in records]
 
 
 _tracer = Tracer()
