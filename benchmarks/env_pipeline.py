@@ -6,16 +6,21 @@ Two placements of the same ``EnvWorker`` and ``PolicyRolloutWorker``, side by si
                 is simulated the policy acts on the other half
     collocated  envs (1 stage) and the policy on slot 0: they take turns (the synchronous loop)
 
-for CartPole-v1 and ManiSkill PushCube-v1 (state observations), each placement measured ``--repeats``
-times in alternation; the table shows medians and the hybrid/collocated ratio. Pipelining can at
-best hide the cheaper of the two costs, so the ratio approaches 2 only when a step of simulation and
-a step of inference cost about the same. The defaults are chosen that way and the table prints both
-costs measured alone: CartPole with 256 envs and a 256x256 MLP (a large-batch policy on a cheap
-simulator), PushCube with 8 CPU-physics envs and a 3x1536 MLP (about 10 M parameters, the size of a
-small action head on a robot-control task). With a tiny MLP on PushCube the policy costs next to
-nothing beside the physics and the ratio is close to 1.
+each measured ``--repeats`` times in alternation; the table shows medians and the hybrid/collocated
+ratio. Pipelining hides the cheaper of the two costs, so the ratio approaches 2 only when a step of
+simulation and a step of inference cost about the same; it stays near 1 when one dominates. The
+table prints both costs, measured alone in this process. Rows:
 
-    python benchmarks/env_pipeline.py [--repeats 3] [--steps 40] [--tasks cartpole,pushcube] [--json out.json]
+    CartPole-v1        512 envs, MLP sized so that acting on 512 observations costs about what
+                       stepping 512 envs does (a large-batch policy on a cheap simulator)
+    PushCube-v1 state  8 CPU-physics envs, MLP of 3 layers sized the same way (millions of parameters:
+                       the scale of a small action model rather than of a 64x64 MLP)
+    PushCube-v1 state  8 envs, 64x64 MLP: the policy costs next to nothing beside the physics
+
+The policy width is chosen at start-up from a ladder of widths (the first whose cost reaches the
+simulator's), because the two costs shift differently with the machine and its load.
+
+    python benchmarks/env_pipeline.py [--repeats 3] [--steps 40] [--tasks cartpole,pushcube,pushcube_small]
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import functools
 import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -36,48 +41,57 @@ from rlinf.models.policies import PolicyConfig, build_policy
 from rlinf.workers.embodied import PolicyRolloutWorker
 from rlinf.workers.env import EnvWorker, merge_env_metrics
 
+WIDTHS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+PUSHCUBE = EnvConfig(
+    kind="maniskill", id="PushCube-v1", num_envs=8, control_mode="pd_ee_delta_pos", vectorization="loop"
+)
+
 
 @dataclass(frozen=True)
 class Task:
+    """One row: an env, and a fixed policy or a policy depth to size against the simulator."""
+
     name: str
     env: EnvConfig
     policy: PolicyConfig
+    balance_depth: int = 0  # > 0: pick the width of a policy of this many layers; 0: use ``policy``
     steps_scale: float = 1.0  # fewer steps for slow simulators
 
 
 TASKS = {
-    "cartpole": Task(
-        "CartPole-v1",
-        EnvConfig(kind="gym", id="CartPole-v1", num_envs=256, seed=0),
-        PolicyConfig(kind="mlp", hidden_sizes=(256, 256)),
-    ),
-    "pushcube": Task(
-        "PushCube-v1 state",
-        EnvConfig(kind="maniskill", id="PushCube-v1", num_envs=8, control_mode="pd_ee_delta_pos", vectorization="loop"),
-        PolicyConfig(kind="mlp", hidden_sizes=(1536, 1536, 1536)),
-        steps_scale=0.5,
-    ),
+    "cartpole": Task("CartPole-v1", EnvConfig(kind="gym", id="CartPole-v1", num_envs=512), PolicyConfig(), 2),
+    "pushcube": Task("PushCube-v1 state", PUSHCUBE, PolicyConfig(), 3, steps_scale=0.5),
+    "pushcube_small": Task("PushCube-v1 state", PUSHCUBE, PolicyConfig(hidden_sizes=(64, 64)), 0, steps_scale=0.5),
 }
 
 
-def alone_costs(task: Task, n: int = 20) -> tuple[float, float]:
-    """Milliseconds of one env step of all envs, and of one policy act on all observations, in this process."""
-    torch.set_num_threads(1)
+def _ms(fn: Any, n: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n * 1e3
+
+
+def size_policy(task: Task, n: int = 10) -> tuple[PolicyConfig, float, float]:
+    """The task's policy (sized against the simulator when asked) and the milliseconds of one step of
+    all envs and of one act on all their observations, measured alone in this process."""
+    torch.set_num_threads(1)  # as a worker on one CPU slot
     env = make_env(task.env)
-    policy = build_policy(task.policy, env.observation_space, env.action_space)
     obs, _ = env.reset(seed=0)
-    actions = policy.act(obs)[0].numpy()
-    env.step(actions)
-    start = time.perf_counter()
-    for _ in range(n):
-        env.step(actions)
-    sim = (time.perf_counter() - start) / n
-    start = time.perf_counter()
-    for _ in range(n):
-        policy.act(obs)
-    act = (time.perf_counter() - start) / n
+    actions = build_policy(task.policy, env.observation_space, env.action_space).act(obs)[0].numpy()
+    sim = _ms(lambda: env.step(actions), n)
+    cfg = task.policy
+    if task.balance_depth:
+        for width in WIDTHS:
+            cfg = replace(task.policy, hidden_sizes=(width,) * task.balance_depth)
+            policy = build_policy(cfg, env.observation_space, env.action_space)
+            if _ms(lambda p=policy: p.act(obs), n) >= sim:
+                break
+    policy = build_policy(cfg, env.observation_space, env.action_space)
+    act = _ms(lambda: policy.act(obs), n)
     env.close()
-    return sim * 1e3, act * 1e3
+    return cfg, sim, act
 
 
 def rollout_rate(env: Any, policy: Any, env_inboxes: list, policy_inboxes: list, steps: int) -> float:
@@ -88,11 +102,11 @@ def rollout_rate(env: Any, policy: Any, env_inboxes: list, policy_inboxes: list,
 
 
 def bench_task(cluster: Cluster, key: str, task: Task, repeats: int, steps: int) -> dict[str, Any]:
-    sim_ms, act_ms = alone_costs(task)
+    policy_cfg, sim_ms, act_ms = size_policy(task)
     probe = make_env(EnvConfig(kind=task.env.kind, id=task.env.id, num_envs=1, control_mode=task.env.control_mode))
     spaces = (probe.observation_space, probe.action_space)
     probe.close()
-    make_policy = functools.partial(build_policy, task.policy)
+    make_policy = functools.partial(build_policy, policy_cfg)
     setups = {
         "hybrid (S=2, 2 slots)": ([0], 2, [1]),
         "collocated (S=1, 1 slot)": ([0], 1, [0]),
@@ -119,7 +133,7 @@ def bench_task(cluster: Cluster, key: str, task: Task, repeats: int, steps: int)
     return {
         "task": task.name,
         "num_envs": task.env.num_envs,
-        "policy": f"{task.policy.kind} {list(task.policy.hidden_sizes)}",
+        "policy": f"{policy_cfg.kind} {list(policy_cfg.hidden_sizes)}",
         "sim_ms_per_step": sim_ms,
         "policy_ms_per_step": act_ms,
         "steps_per_rollout": n,
@@ -134,7 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40, help="policy steps per env and measurement")
-    parser.add_argument("--tasks", default="cartpole,pushcube")
+    parser.add_argument("--tasks", default="cartpole,pushcube,pushcube_small")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     results = []

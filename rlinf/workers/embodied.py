@@ -397,8 +397,9 @@ class EmbodiedActorWorker(Worker):
         torch.manual_seed(cfg.seed)  # every rank starts from the same weights
         self.policy: Any = make_policy(observation_space, action_space).to(self.device)
         self.policy.train()
+        # The fused kernel steps every parameter in one call: small policies take many tiny steps.
         self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+            self.policy.parameters(), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=True
         )
         self.generator = torch.Generator().manual_seed(cfg.seed + self.rank)
         self.version = 0

@@ -9,6 +9,7 @@ recomputes; top-p filtering is not folded into them.
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -200,6 +201,8 @@ class VLLMEngine:
         extra: dict[str, Any] = {}
         if device.type == "cuda":
             extra["gpu_memory_utilization"] = cfg.vllm_gpu_memory_utilization
+        else:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.vllm_cpu_kvcache_gb))
         self.llm = LLM(
             model=str(model_dir),
             dtype=dtype,

@@ -213,3 +213,14 @@ def test_smollm2_converts_once_and_answers_offline():
         out = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
     completion = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert score(completion, 9).correct, completion
+
+
+def test_model_path_that_does_not_exist_or_is_not_a_model_names_the_fix(tmp_path):
+    from rlinf import ConfigError
+    from rlinf.workers.config import ModelConfig
+
+    with pytest.raises(ConfigError, match=r"model.path='/nowhere/model' does not exist; pass a Hugging Face"):
+        ModelConfig(path="/nowhere/model").resolve()
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"is not a model directory \(no config.json in it\)"):
+        ModelConfig(path=str(tmp_path)).resolve()

