@@ -10,6 +10,7 @@ the two; the first ``--warmup`` steps of every run are left out of the per-step 
 
     python benchmarks/grpo_vs_trl.py                       # 3 runs each, 10 steps, the ~10M model
     python benchmarks/grpo_vs_trl.py --runs 5 --size tiny  # the ~1M model
+    python benchmarks/grpo_vs_trl.py --placement collocated   # rlinf on both slots, two ranks per component
 
 Needs the ``bench`` extra (``make bench`` installs it): ``trl``.
 """
@@ -50,7 +51,19 @@ def _settings(args: argparse.Namespace) -> dict:
         "steps": args.steps,
         "lr": args.lr,
         "seed": args.seed,
+        "placement": args.placement,
     }
+
+
+# rlinf placements: the example's (generation on slot 0, training on slot 1, streaming), or every
+# component on both slots (two ranks each, taking turns through the device lock)
+PLACEMENTS = {
+    "example": [],
+    "collocated": [
+        "placement.mode=collocated",
+        *(f"placement.components.{c}.devices=0-1" for c in ("rollout", "reward", "actor")),
+    ],
+}
 
 
 def _train_problems(task_cfg, steps: int, batch: int, seed: int) -> list:
@@ -171,6 +184,7 @@ def run_rlinf(s: dict) -> dict:
         "run.eval_prompts=1",
         "run.eval_every=0",
         "run.save_every=0",
+        *PLACEMENTS[s["placement"]],
     ]
     cfg = load_config(grpo.GRPOConfig, root / "examples" / "grpo_math_tiny.yaml", overrides)
     with tempfile.TemporaryDirectory() as out:
@@ -181,6 +195,7 @@ def run_rlinf(s: dict) -> dict:
         "step_s": [float(r["time/step"]) for r in rows],
         "reward": [float(r["reward/mean"]) for r in rows],
         "tokens": [float(r["rollout/tokens"]) for r in rows],
+        "parts": {k: [float(r.get(f"time/{k}", 0.0)) for r in rows] for k in ("weight_sync", "rollout", "actor")},
     }
 
 
@@ -199,6 +214,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--placement", choices=sorted(PLACEMENTS), default="example", help="rlinf's placement")
     parser.add_argument("--one", choices=["trl", "rlinf"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -241,6 +257,14 @@ def main() -> None:
     print(f"{'':8s} {'s/step':>8s} {'tokens/s':>9s}  mean reward per step (median over runs)")
     for side, (step_s, tok_s, curve) in table.items():
         print(f"{side:8s} {step_s:8.3f} {tok_s:9.0f}  " + " ".join(f"{x:.2f}" for x in curve))
+    parts = {
+        k: _median([_median(r["parts"][k][args.warmup :]) for r in results["rlinf"]])
+        for k in ("weight_sync", "rollout", "actor")
+    }
+    print(
+        f"rlinf ({args.placement} placement) per step, medians: weight sync {parts['weight_sync']:.3f} s, "
+        f"rollout call {parts['rollout']:.3f} s, actor call {parts['actor']:.3f} s (rollout and actor overlap)"
+    )
     ratio = table["rlinf"][0] / table["trl"][0]
     print(f"\nrlinf time per step = {ratio:.2f}x TRL's (goal <= 0.5x)")
 

@@ -6,7 +6,8 @@ each of the same ``--prompts`` math prompts, ``--tokens`` new tokens at most, te
 side tokenizes, generates and decodes in this process with both cores; the rlinf side is one
 ``RolloutWorker`` on a CPU slot of both cores, timed at the driver from putting the prompts into its
 channel to receiving the last group (so channel transport, log-prob extraction and packing count).
-Sides alternate, medians over ``--runs`` (after one untimed warm-up batch each).
+Per engine the RolloutWorker runs first, then the raw engine; medians over ``--runs`` (after one
+untimed warm-up batch each).
 
     python benchmarks/rollout_engines.py                             # hf, SmolLM2-135M-Instruct
     python benchmarks/rollout_engines.py --engines hf --model tiny   # the ~1M random model
@@ -90,6 +91,16 @@ class RawVLLM:
         self.tok = AutoTokenizer.from_pretrained(str(model_dir))
         self.llm = LLM(model=str(model_dir), dtype="float32", max_model_len=max_len, enforce_eager=True, seed=0)
 
+    def close(self) -> None:
+        """Stops the engine's processes (dropping the object alone leaves them running)."""
+        import gc
+
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del self.llm
+        gc.collect()
+
     def run(self, prompts: list[str], n: int, tokens: int) -> int:
         from vllm import SamplingParams
 
@@ -150,15 +161,18 @@ def main() -> None:
     prompts = _prompts(model_dir, args.prompts)
     rows = []
     for engine in args.engines.split(","):
+        if engine not in ("hf", "vllm"):
+            raise SystemExit(f"--engines: unknown engine {engine!r}; use hf and/or vllm.")
+        # the worker first: a raw vLLM engine's processes would linger beside the worker's own
+        ours = _time_worker(engine, model_dir, prompts, args.samples, args.tokens, args.runs)
+        print(f"{engine} RolloutWorker tok/s per run: {[round(r, 1) for r in ours]}", flush=True)
         if engine == "hf":
             raw = _time_raw(RawHF(model_dir), prompts, args.samples, args.tokens, args.runs)
-        elif engine == "vllm":
+        else:
             raw_engine = RawVLLM(model_dir, 1024)
             raw = _time_raw(raw_engine, prompts, args.samples, args.tokens, args.runs)
-            del raw_engine
-        else:
-            raise SystemExit(f"--engines: unknown engine {engine!r}; use hf and/or vllm.")
-        ours = _time_worker(engine, model_dir, prompts, args.samples, args.tokens, args.runs)
+            raw_engine.close()
+        print(f"{engine} raw engine tok/s per run:    {[round(r, 1) for r in raw]}", flush=True)
         rows.append((engine, statistics.median(raw), statistics.median(ours)))
 
     print(

@@ -6,7 +6,7 @@ rank works on one thread, so a batch costs the same in every mode. Per batch and
 
     spin    (default) a pure-Python busy loop of ``--spin-ms`` milliseconds: a known cost that other
             load on the machine does not stretch, so the ratio measures the runtime's overlap
-    matmul  ``--work`` products of a 1024x384 by a 384x384 matrix (as ``make demo``): real CPU
+    matmul  ``--work`` products of a 1024x384 by a 384x384 matrix (as ``make demo-pipeline``): real CPU
             work, whose cost grows with whatever else runs on the same core
 
     disaggregated  generate on slot 0, train on slot 1: the stages overlap, streaming

