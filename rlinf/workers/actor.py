@@ -44,7 +44,7 @@ from rlinf.workers.inference import PackedBatch, pack_groups, token_logprobs
 from rlinf.workers.lora import add_lora, merged_state
 from rlinf.workers.micro_batch import ElasticPull
 from rlinf.workers.rollout import Group, RolloutWorker, load_model, rank_share
-from rlinf.workers.weights import export_state
+from rlinf.workers.weights import export_state, move_training_state
 from rlinf.workers.zero import DeepSpeedBackend, require_deepspeed
 
 if TYPE_CHECKING:
@@ -538,14 +538,7 @@ class ActorWorker(Worker):
             self._move(self.device)
 
     def _move(self, device: torch.device) -> None:
-        self.model.to(device)
-        for p in self.model.parameters():
-            if p.grad is not None:
-                p.grad = p.grad.to(device)
-        for state in self.optimizer.state.values():
-            for k, v in state.items():
-                if isinstance(v, Tensor) and k != "step":  # AdamW keeps its step count on CPU
-                    state[k] = v.to(device)
+        move_training_state(self.model, self.optimizer, device)
 
     # ---- checkpoints -----------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from rlinf.worker import Worker
 from rlinf.workers.actor import scored_rewards
 from rlinf.workers.inference import PackedBatch, pack_groups
 from rlinf.workers.rollout import Group, rank_share
+from rlinf.workers.weights import move_training_state
 
 
 @dataclass(frozen=True)
@@ -434,14 +435,7 @@ class CriticWorker(Worker):
         self._move(self.device)
 
     def _move(self, device: torch.device) -> None:
-        self.model.to(device)
-        for p in self.model.parameters():
-            if p.grad is not None:
-                p.grad = p.grad.to(device)
-        for state in self.optimizer.state.values():
-            for k, v in state.items():
-                if isinstance(v, Tensor):
-                    state[k] = v.to(device)
+        move_training_state(self.model, self.optimizer, device)
 
     # ---- checkpoints -----------------------------------------------------------------------------
 

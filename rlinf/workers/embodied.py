@@ -30,7 +30,7 @@ from rlinf.trace import tracer
 from rlinf.worker import Worker
 from rlinf.workers.env import ActionReply, EndOfRollout, ObsRequest, Trajectory
 from rlinf.workers.rollout import rank_share
-from rlinf.workers.weights import export_state, load_state_inplace
+from rlinf.workers.weights import export_state, load_state_inplace, move_training_state
 
 if TYPE_CHECKING:
     from rlinf.group import WorkerGroup
@@ -544,14 +544,7 @@ class EmbodiedActorWorker(Worker):
             self._move(self.device)
 
     def _move(self, device: torch.device) -> None:
-        self.policy.to(device)
-        for p in self.policy.parameters():
-            if p.grad is not None:
-                p.grad = p.grad.to(device)
-        for state in self.optimizer.state.values():
-            for k, v in state.items():
-                if isinstance(v, Tensor):
-                    state[k] = v.to(device)
+        move_training_state(self.policy, self.optimizer, device)
 
     # ---- checkpoints -----------------------------------------------------------------------------
 

@@ -33,3 +33,18 @@ def load_state_inplace(model: nn.Module, state: dict[str, Tensor]) -> None:
                     f"{tuple(own[name].shape)}; actor and rollout must load the same model."
                 )
             own[name].copy_(value)
+
+
+def move_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Moves a model, its gradients and its optimizer state to ``device`` (offload/onload).
+
+    AdamW's ``step`` counters stay where they are: without ``capturable`` they must live on the CPU.
+    """
+    model.to(device)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad = p.grad.to(device)
+    for state in optimizer.state.values():
+        for k, v in state.items():
+            if isinstance(v, Tensor) and k != "step":
+                state[k] = v.to(device)
