@@ -4,8 +4,9 @@ Two workers pinned to the two CPU slots exchange float32 tensors of 64 KB, 1 MB 
     rlinf    Channel.put in one worker, Channel.get in the other
     ray      ray.put (numpy, its zero-copy case) in one worker, ray.get of the refs in the other
     pyzmq    PUSH/PULL with zero-copy frames between the same two processes
-and a small item makes round trips (A -> B -> A): rlinf over two channels vs a pyzmq PAIR socket
-and a plain Ray actor call. Every number is the median of --repeats runs.
+and a small item makes round trips (A -> B -> A): rlinf over two channels of the default capacity
+(256; also with maxsize=4, where the hub's credit notes to the producer add a message every few
+items) vs a pyzmq PAIR socket and a plain Ray actor call. Every number is the median of --repeats runs.
 
     python benchmarks/channel_throughput.py [--repeats 5] [--json out.json]
 """
@@ -126,9 +127,9 @@ class Bench(Worker):
     def echo(self, x: int) -> int:
         return x
 
-    def host_channel(self, name: str) -> Channel:
+    def host_channel(self, name: str, maxsize: int = 256) -> Channel:
         """A channel whose queue lives in this process (``host="here"``): this worker consumes it."""
-        return Channel(name, maxsize=4, host="here")
+        return Channel(name, maxsize=maxsize, host="here")
 
 
 def throughput(a: Any, b: Any, transport: str, nbytes: int, run: int) -> float:
@@ -154,6 +155,7 @@ def throughput(a: Any, b: Any, transport: str, nbytes: int, run: int) -> float:
 LATENCY_ROWS = {
     "rlinf": "rlinf, queues in the cluster hub",
     "rlinf host=here": "rlinf, queues in their consumers",
+    "rlinf host=here maxsize=4": "  same, maxsize=4",
     "pyzmq": "raw pyzmq (PAIR)",
     "ray actor call": "Ray actor call (driver -> B)",
 }
@@ -162,10 +164,11 @@ LATENCY_ROWS = {
 def round_trip_us(a: Any, b: Any, transport: str, n: int, run: int) -> float:
     if transport.startswith("rlinf"):
         if transport == "rlinf":
-            out, back = Channel(f"ping-{run}", maxsize=4), Channel(f"pong-{run}", maxsize=4)
+            out, back = Channel(f"ping-{run}"), Channel(f"pong-{run}")
         else:  # each channel hosted by its consumer: B consumes `out`, A consumes `back`
-            out = b.call(Bench.host_channel, f"ping-here-{run}").wait()[0]
-            back = a.call(Bench.host_channel, f"pong-here-{run}").wait()[0]
+            size = 4 if transport.endswith("maxsize=4") else 256
+            out = b.call(Bench.host_channel, f"ping-here-{size}-{run}", size).wait()[0]
+            back = a.call(Bench.host_channel, f"pong-here-{size}-{run}", size).wait()[0]
         hb = b.call(Bench.channel_pong, out, back, n)
         times = a.call(Bench.channel_ping, out, back, n).wait()[0]
         hb.wait()

@@ -62,6 +62,7 @@ _F64 = struct.Struct("<d")
 _U32 = struct.Struct("<I")
 # an item's first frame: whether its buffers are elsewhere, rank, version, weight, put time, name length
 _META = struct.Struct("<?iqddH")
+_NAME_LEN, _NAME_AT = struct.Struct("<H"), _META.size - 2
 _INF = float("inf")
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
@@ -156,8 +157,9 @@ class Channel:
             TimeoutError: still full after ``timeout`` seconds (the item was not delivered).
         """
         frames, key = _encode(item, version, weight)
-        conn = _process().conn(self._hub)
-        self._raise_undelivered(conn)
+        conn = self._conn()
+        if conn.undelivered:
+            self._raise_undelivered(conn)
         if timeout is None and conn.can_send_ahead(self._key):
             # The hub said there is room: send without waiting for an answer (only a failure is
             # answered, and read with the next reply on this socket). Saves wake-ups per item.
@@ -173,6 +175,17 @@ class Channel:
         _trace_wait("put", self.name, start)
         conn.note_room(self._key, reply)
         self._check_put(reply.status, key, timeout)
+
+    _cached: tuple[int, Any, _Conn] | None = None
+
+    def _conn(self) -> _Conn:
+        """This thread's connection to the channel's hub, remembered for the thread's next put."""
+        cached, me = self._cached, threading.get_ident()
+        if cached is not None and cached[0] == me and cached[1] is _state:
+            return cached[2]
+        conn = _process().conn(self._hub)
+        self._cached = (me, _state, conn)
+        return conn
 
     def flush(self) -> None:
         """Waits until every put this thread made on this channel was acknowledged.
@@ -204,7 +217,7 @@ class Channel:
         batch = self._take(1, 0.0, _INF, timeout)
         if not batch:
             raise ChannelClosed(f"channel {self.name!r} is closed and drained")
-        return _load(batch[0])[0]
+        return _payload(batch[0])
 
     def get_item(self, timeout: float | None = None) -> Item:
         """Like :meth:`get`, with the item's metadata."""
@@ -270,7 +283,7 @@ class Channel:
                         self._check_items(reply, None)
                         held.extend(split_batch(reply.extra, reply.frames))
                 _, frames = held.popleft()
-                yield _decode(frames, time.time()) if with_meta else _load(frames)[0]
+                yield _decode(frames, time.time()) if with_meta else _payload(frames)
         finally:
             if held and hub is not None:
                 hub.local_requeue(self._key, list(held))
@@ -370,7 +383,9 @@ class Channel:
             except TimeoutError:
                 raise TimeoutError(f"nothing arrived on channel {self.name!r} within {timeout} s") from None
             _note_wait(self.name, start)
-            return [] if batch is None else [frames for _, frames in batch]
+            if batch is None:
+                return []
+            return [batch[0][1]] if len(batch) == 1 else [frames for _, frames in batch]
         reply = self._call(b"GET", [], timeout, args=GET_ARGS.pack(max_items, lo, hi))
         _note_wait(self.name, start)
         if reply.status == CLOSED:
@@ -408,6 +423,8 @@ def _encode(item: Any, version: int, weight: float) -> tuple[list, int | None]:
     """Returns the frames of an item and, for a large one, its key in this process's data server."""
     header, buffers = serialization.dumps(item)
     producer, rank = _identity[2], _identity[1]
+    if not buffers:  # the common small item: one frame
+        return [_META.pack(False, rank, version, weight, time.time(), len(producer)) + producer + header], None
     remote: tuple[Any, ...] | None = None
     key = None
     sizes = [b.nbytes for b in buffers] if buffers else []
@@ -435,6 +452,14 @@ def _encode(item: Any, version: int, weight: float) -> tuple[list, int | None]:
 def _decode(frames: Frames, now: float) -> Item:
     payload, producer, rank, version, weight, put_time = _load(frames)
     return Item(payload, ItemMeta(producer, rank, version, weight, put_time, now))
+
+
+def _payload(frames: Frames) -> Any:
+    """An item's payload alone (what ``get`` returns): skips the metadata of a one-frame item."""
+    first = memoryview(frames[0])  # bytes, a view or a zmq.Frame
+    if len(frames) == 1 and not first[0]:  # no buffers, none elsewhere
+        return pickle.loads(first[_META.size + _NAME_LEN.unpack_from(first, _NAME_AT)[0] :])
+    return _load(frames)[0]
 
 
 def _load(frames: Frames) -> tuple[Any, str, int, int, float, float]:
@@ -489,7 +514,10 @@ def _note_wait(channel: str, start: float) -> None:
     consumer hands its item back first."""
     end = time.time()
     if end - start >= TRACE_MIN_S:
-        _waits.__dict__.setdefault("spans", []).append((channel, start, end))
+        spans = _waits.__dict__.get("spans")
+        if spans is None:
+            spans = _waits.spans = []
+        spans.append((channel, start, end))
 
 
 def _record_waits() -> None:
@@ -527,12 +555,15 @@ class _Conn:
         self._ahead: dict[bytes, tuple[bytes, int | None]] = {}
         self.room: dict[bytes, int] = {}  # per channel: free slots left by the hub's last report
         self.undelivered: dict[bytes, int] = {}  # per channel: puts sent ahead that found it closed
+        self._heads: dict[bytes, bytes] = {}
 
     def can_send_ahead(self, chan: bytes) -> bool:
         # At most SEND_AHEAD puts go unanswered; then one waits for a reply, which settles them all.
         if len(self._ahead) >= SEND_AHEAD:
             return False
-        if self.room.get(chan, 0) <= 0 and self._ahead:
+        if self.room.get(chan, 0) > 0:
+            return True
+        if self._ahead:
             self._read_arrived()  # the hub may have sent more room already
         return self.room.get(chan, 0) > 0
 
@@ -545,17 +576,23 @@ class _Conn:
 
     def send_ahead(self, chan: bytes, args: bytes, rest: list, key: int | None) -> None:
         req = next(self._ids).to_bytes(8, "little")
-        head = request_head(b"PUTA", req, len(rest) - 1, chan, args, rest[0])
         if len(rest) == 1:
-            self.sock.send(head)
+            self.sock.send(b"".join((b"PUTA    ", req, self._single(chan), args, rest[0])))
         else:
-            send_message(self.sock, [head, *rest[1:]])
+            send_message(self.sock, [request_head(b"PUTA", req, len(rest) - 1, chan, args, rest[0]), *rest[1:]])
         # Book-keeping after the send (only this thread reads the replies, so nothing is missed):
         # the item is on its way meanwhile.
         self._ahead[req] = (chan, key)
         self.room[chan] -= 1
         if self.local is not None:
             self.local.kick()
+
+    def _single(self, chan: bytes) -> bytes:
+        """The part of a one-frame put's head that names the channel (see ``request_head``)."""
+        part = self._heads.get(chan)
+        if part is None:
+            part = self._heads[chan] = request_head(b"", b"", 0, chan)[8:]
+        return part
 
     def note_room(self, chan: bytes, reply: Reply) -> None:
         if reply.status in (OK, ROOM) and len(reply.extra) == 4:

@@ -74,8 +74,13 @@ class _Reusable:
 _local = threading.local()
 
 
+_ATOMS = frozenset({int, float, bool, str, bytes, type(None)})
+
+
 def dumps(obj: Any) -> tuple[bytes, list[memoryview]]:
     """Pickles ``obj``; returns the header and the out-of-band buffers (views, not copies)."""
+    if type(obj) in _ATOMS:  # nothing to keep out of band, nothing cloudpickle adds: the C pickler alone
+        return pickle.dumps(obj, protocol=5), []
     reusable = _local.__dict__.get("pickler")
     if reusable is None:
         reusable = _local.pickler = _Reusable()

@@ -282,3 +282,23 @@ def test_large_items_fall_back_to_sockets_when_shared_memory_is_full(cluster, mo
     ch.put(t)
     got = ch.get_item()
     assert torch.equal(got.payload, t)
+
+
+@pytest.mark.parametrize(
+    "item", [7, "text", None, 2.5, b"raw", {"a": [1, 2]}, torch.arange(3), np.arange(600, dtype=np.float64)]
+)
+def test_payload_shortcut_matches_full_decoding(item):
+    """``get`` decodes only the payload; it must agree with the full decoding for every frame type."""
+    import zmq
+
+    from rlinf.channel import _encode, _load, _payload
+
+    frames, _ = _encode(item, 3, 2.0)
+    _, producer, rank, version, weight, _ = _load(frames)
+    assert (producer, rank, version, weight) == ("driver", -1, 3, 2.0)
+    for first in (frames[0], memoryview(frames[0]), zmq.Frame(frames[0])):  # as each transport delivers it
+        got = _payload([first, *frames[1:]])
+        if isinstance(item, torch.Tensor | np.ndarray):
+            assert got.tolist() == item.tolist()
+        else:
+            assert got == item
