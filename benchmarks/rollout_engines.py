@@ -6,8 +6,10 @@ each of the same ``--prompts`` math prompts, ``--tokens`` new tokens at most, te
 side tokenizes, generates and decodes in this process with both cores; the rlinf side is one
 ``RolloutWorker`` on a CPU slot of both cores, timed at the driver from putting the prompts into its
 channel to receiving the last group (so channel transport, log-prob extraction and packing count).
-Per engine the RolloutWorker runs first, then the raw engine; medians over ``--runs`` (after one
-untimed warm-up batch each).
+For ``hf`` the two take turns inside one running cluster (the order alternates), so both share the
+machine with Ray's idle processes; for ``vllm`` the RolloutWorker runs first, then the raw engine
+once the cluster is down. Rates are medians over ``--runs`` (after one untimed warm-up batch each);
+the ratio is the median of the per-run ratios.
 
     python benchmarks/rollout_engines.py                             # hf, SmolLM2-135M-Instruct
     python benchmarks/rollout_engines.py --engines hf --model tiny   # the ~1M random model
@@ -120,29 +122,61 @@ def _time_raw(engine, prompts: list[str], n: int, tokens: int, runs: int) -> lis
     return rates
 
 
-def _time_worker(engine: str, model_dir: Path, prompts: list[str], n: int, tokens: int, runs: int) -> list[float]:
-    from rlinf import Channel, Cluster
-    from rlinf.workers.config import RolloutConfig
+def _worker_pass(group, batch: list[str], n: int, tag: str) -> float:  # type: ignore[no-untyped-def]
+    """One batch through the RolloutWorker, timed at the driver: tokens/s."""
+    from rlinf import Channel
     from rlinf.workers.rollout import Prompt, RolloutWorker
 
+    inp, out = Channel(f"bench/prompts-{tag}"), Channel(f"bench/groups-{tag}")
+    start = time.perf_counter()
+    inp.put_many([Prompt(text, None, j) for j, text in enumerate(batch)])
+    handle = group.call(RolloutWorker.generate, inp, out, len(batch))
+    got = [out.get() for _ in batch]
+    elapsed = time.perf_counter() - start
+    handle.wait()
+    return sum(int(g.response_mask.sum()) for g in got) / elapsed
+
+
+def _launch(engine: str, cluster, model_dir: Path, n: int, tokens: int, count: int):  # type: ignore[no-untyped-def]
+    from rlinf.workers.config import RolloutConfig
+    from rlinf.workers.rollout import RolloutWorker
+
     cfg = RolloutConfig(
-        engine=engine, group_size=n, batch_prompts=len(prompts), temperature=1.0, top_p=1.0, max_new_tokens=tokens
+        engine=engine, group_size=n, batch_prompts=count, temperature=1.0, top_p=1.0, max_new_tokens=tokens
     )
-    rates = []
+    return RolloutWorker.launch(cluster, cluster.devices[:1], cfg, str(model_dir))
+
+
+def _time_side_by_side(model_dir: Path, prompts: list[str], n: int, tokens: int, runs: int) -> tuple[list, list]:
+    """hf: the RolloutWorker and raw ``generate`` in the driver take turns within one cluster, so both
+    see the same machine (Ray's idle processes included); the order alternates run by run."""
+    from rlinf import Cluster
+
+    ours, raw = [], []
     with Cluster(cpu_cores_per_slot=2) as cluster:
-        group = RolloutWorker.launch(cluster, cluster.devices[:1], cfg, str(model_dir))
-        for i in range(runs + 1):
-            inp, out = Channel(f"bench/prompts-{i}"), Channel(f"bench/groups-{i}")
-            batch = prompts[:2] if i == 0 else prompts  # the first pass warms up
-            start = time.perf_counter()
-            inp.put_many([Prompt(text, None, j) for j, text in enumerate(batch)])
-            handle = group.call(RolloutWorker.generate, inp, out, len(batch))
-            got = [out.get() for _ in batch]
-            elapsed = time.perf_counter() - start
-            handle.wait()
-            if i > 0:
-                rates.append(sum(int(g.response_mask.sum()) for g in got) / elapsed)
-    return rates
+        group = _launch("hf", cluster, model_dir, n, tokens, len(prompts))
+        engine = RawHF(model_dir)
+        _worker_pass(group, prompts[:2], n, "warm-up")
+        engine.run(prompts[:2], n, 4)
+        for i in range(runs):
+            for side in ("worker", "raw") if i % 2 == 0 else ("raw", "worker"):
+                if side == "worker":
+                    ours.append(_worker_pass(group, prompts, n, str(i)))
+                else:
+                    start = time.perf_counter()
+                    count = engine.run(prompts, n, tokens)
+                    raw.append(count / (time.perf_counter() - start))
+            print(f"  run {i + 1}: RolloutWorker {ours[-1]:.1f} tok/s, raw {raw[-1]:.1f} tok/s", flush=True)
+    return ours, raw
+
+
+def _time_worker(engine: str, model_dir: Path, prompts: list[str], n: int, tokens: int, runs: int) -> list[float]:
+    from rlinf import Cluster
+
+    with Cluster(cpu_cores_per_slot=2) as cluster:
+        group = _launch(engine, cluster, model_dir, n, tokens, len(prompts))
+        _worker_pass(group, prompts[:2], n, "warm-up")
+        return [_worker_pass(group, prompts, n, str(i)) for i in range(runs)]
 
 
 def main() -> None:
@@ -152,7 +186,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=48)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
 
     from rlinf.workers.config import ModelConfig
@@ -163,25 +197,27 @@ def main() -> None:
     for engine in args.engines.split(","):
         if engine not in ("hf", "vllm"):
             raise SystemExit(f"--engines: unknown engine {engine!r}; use hf and/or vllm.")
-        # the worker first: a raw vLLM engine's processes would linger beside the worker's own
-        ours = _time_worker(engine, model_dir, prompts, args.samples, args.tokens, args.runs)
-        print(f"{engine} RolloutWorker tok/s per run: {[round(r, 1) for r in ours]}", flush=True)
         if engine == "hf":
-            raw = _time_raw(RawHF(model_dir), prompts, args.samples, args.tokens, args.runs)
+            ours, raw = _time_side_by_side(model_dir, prompts, args.samples, args.tokens, args.runs)
         else:
+            # one after the other, the worker first: two vLLM engines at once would not fit beside
+            # each other on a laptop, and a raw engine's processes linger beside the worker's own
+            ours = _time_worker(engine, model_dir, prompts, args.samples, args.tokens, args.runs)
+            print(f"{engine} RolloutWorker tok/s per run: {[round(r, 1) for r in ours]}", flush=True)
             raw_engine = RawVLLM(model_dir, 1024)
             raw = _time_raw(raw_engine, prompts, args.samples, args.tokens, args.runs)
             raw_engine.close()
-        print(f"{engine} raw engine tok/s per run:    {[round(r, 1) for r in raw]}", flush=True)
-        rows.append((engine, statistics.median(raw), statistics.median(ours)))
+            print(f"{engine} raw engine tok/s per run:    {[round(r, 1) for r in raw]}", flush=True)
+        ratio = statistics.median(o / r for o, r in zip(ours, raw, strict=True))
+        rows.append((engine, statistics.median(raw), statistics.median(ours), ratio))
 
     print(
         f"\nrollout, {args.model}, {args.prompts} prompts x {args.samples} samples, <= {args.tokens} new tokens, "
         f"median of {args.runs} runs\n"
     )
-    print(f"{'engine':8s} {'raw tok/s':>10s} {'RolloutWorker tok/s':>20s} {'ratio':>6s}")
-    for engine, raw_rate, ours_rate in rows:
-        print(f"{engine:8s} {raw_rate:10.1f} {ours_rate:20.1f} {ours_rate / raw_rate:6.2f}x   (goal >= 0.9x)")
+    print(f"{'engine':8s} {'raw tok/s':>10s} {'RolloutWorker tok/s':>20s} {'ratio, per run':>15s}")
+    for engine, raw_rate, ours_rate, ratio in rows:
+        print(f"{engine:8s} {raw_rate:10.1f} {ours_rate:20.1f} {ratio:14.2f}x   (goal >= 0.9x)")
 
 
 if __name__ == "__main__":

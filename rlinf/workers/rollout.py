@@ -159,8 +159,15 @@ class HFEngine:
         with torch.no_grad():
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), **options)
         new = out.sequences[:, width:].cpu()
-        logits = torch.stack(out.logits, dim=1).float().cpu()  # [B * n, R, V], raw
-        logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1).gather(2, new[:, :, None]).squeeze(2)
+        # step by step: stacking the raw logits first would copy [B * n, R, V] floats once more
+        temp = temperature or 1.0
+        logp = torch.stack(
+            [
+                torch.log_softmax(step.float().cpu() / temp, dim=-1).gather(1, new[:, s : s + 1]).squeeze(1)
+                for s, step in enumerate(out.logits)
+            ],
+            dim=1,
+        )
         results: list[Sampled] = []
         for i in range(len(prompts)):
             tokens, lps, cut = [], [], []
