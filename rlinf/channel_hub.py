@@ -196,6 +196,18 @@ class ChannelHub:
             rest = [sock.recv(copy=False) for _ in range(nframes)] if nframes else []
             with lock:
                 self._dispatch(ident, head, namelen, rest)
+                if waiter is not None and waiter.done:  # give the socket up under this same lock
+                    self._give_up_socket()
+                    return True
+
+    def _give_up_socket(self) -> None:
+        """A local consumer stops reading the socket (lock held); it keeps first claim for HOLD_S."""
+        self._reader = None
+        self._hold_until = time.monotonic() + HOLD_S
+        if self._wanted:
+            self._turn.notify_all()
+        # what is left in the outbox goes with the next reader: this thread's next get, or the hub
+        # thread once the hold ends
 
     def _wake(self) -> None:
         """Makes the reader return from its ``recv`` (to send the outbox or give the socket up)."""
@@ -243,18 +255,15 @@ class ChannelHub:
             if not w.done:
                 self._reader = threading.get_ident()
         if not w.done:
+            me = threading.get_ident()
             try:
                 self._pump(w, deadline)
             finally:
-                with self._lock:
-                    if not w.done:  # timed out (or interrupted)
-                        self._withdraw(chan, w)
-                    self._reader = None
-                    self._hold_until = time.monotonic() + HOLD_S
-                    if self._wanted:
-                        self._turn.notify_all()
-                    # what is left in the outbox goes with the next reader: this thread's next get,
-                    # or the hub thread once the hold ends
+                if self._reader == me:  # not given up by _pump: timed out, interrupted, or answered meanwhile
+                    with self._lock:
+                        if not w.done:
+                            self._withdraw(chan, w)
+                        self._give_up_socket()
             if not w.done:
                 raise TimeoutError
         return None if w.closed else w.taken
