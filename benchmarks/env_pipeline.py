@@ -17,8 +17,9 @@ table prints both costs, measured alone in this process. Rows:
                        parameters: the scale of a small action model rather than of a 64x64 MLP)
     PushCube-v1 state  8 envs, 64x64 MLP: the policy costs next to nothing beside the physics
 
-The policy width is chosen at start-up from a ladder of widths (the first whose cost reaches the
-simulator's), because the two costs shift differently with the machine and its load.
+The policy width is chosen at start-up from a ladder of widths (the widest whose act on one stage
+still fits in one stage's simulation), because the two costs shift differently with the machine and
+its load.
 
     python benchmarks/env_pipeline.py [--repeats 3] [--steps 40] [--tasks cartpole,pushcube,pushcube_small]
 """
@@ -78,9 +79,10 @@ def size_policy(task: Task, n: int = 10) -> tuple[PolicyConfig, float, float, fl
     all envs, of one act on all their observations and of one act on half of them (one stage's share
     with S=2), measured alone in this process.
 
-    The width is the first whose act on one stage's observations costs at least one stage's
-    simulation: a stage's act is what pipelining hides behind the other stage's simulation. (A small
-    batch keeps a wide MLP memory-bound, so half the observations need not cost half the time.)
+    The width is the widest whose act on one stage's observations costs at most one stage's
+    simulation: pipelining hides a stage's act behind the other stage's simulation, all of it up to
+    that width and less and less beyond. (A small batch keeps a wide MLP memory-bound, so half the
+    observations need not cost half the time, and overshooting costs twice.)
     """
     torch.set_num_threads(1)  # as a worker on one CPU slot
     env = make_env(task.env)
@@ -90,11 +92,13 @@ def size_policy(task: Task, n: int = 10) -> tuple[PolicyConfig, float, float, fl
     sim = _ms(lambda: env.step(actions), n)
     cfg = task.policy
     if task.balance_depth:
+        cfg = replace(task.policy, hidden_sizes=(WIDTHS[0],) * task.balance_depth)
         for width in WIDTHS:
-            cfg = replace(task.policy, hidden_sizes=(width,) * task.balance_depth)
-            policy = build_policy(cfg, env.observation_space, env.action_space)
-            if _ms(lambda p=policy: p.act(half), n) >= sim / 2:
+            wider = replace(task.policy, hidden_sizes=(width,) * task.balance_depth)
+            policy = build_policy(wider, env.observation_space, env.action_space)
+            if _ms(lambda p=policy: p.act(half), n) > sim / 2:
                 break
+            cfg = wider
     policy = build_policy(cfg, env.observation_space, env.action_space)
     act, act_half = _ms(lambda: policy.act(obs), n), _ms(lambda: policy.act(half), n)
     env.close()
