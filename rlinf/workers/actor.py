@@ -44,7 +44,7 @@ from rlinf.workers.inference import PackedBatch, pack_groups, token_logprobs
 from rlinf.workers.lora import add_lora, merged_state
 from rlinf.workers.micro_batch import ElasticPull
 from rlinf.workers.rollout import Group, RolloutWorker, load_model, rank_share
-from rlinf.workers.weights import export_state, move_training_state
+from rlinf.workers.weights import export_state, move_training_state, send_state
 from rlinf.workers.zero import DeepSpeedBackend, require_deepspeed
 
 if TYPE_CHECKING:
@@ -467,7 +467,7 @@ class ActorWorker(Worker):
             state = self._export() if self.rank == 0 else {}
         if self.rank != 0:
             return {}
-        to.call(RolloutWorker.load_weights, state, self.version).wait()
+        send_state(to, RolloutWorker.load_weights, state, self.version)
         return {"time/weight_sync": time.perf_counter() - start}
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -30,7 +30,7 @@ from rlinf.trace import tracer
 from rlinf.worker import Worker
 from rlinf.workers.env import ActionReply, EndOfRollout, ObsRequest, Trajectory
 from rlinf.workers.rollout import rank_share
-from rlinf.workers.weights import export_state, load_state_inplace, move_training_state
+from rlinf.workers.weights import export_state, load_state_inplace, move_training_state, receive_state, send_state
 
 if TYPE_CHECKING:
     from rlinf.group import WorkerGroup
@@ -195,8 +195,10 @@ class PolicyRolloutWorker(Worker):
         """The channel this rank takes observations from."""
         return self._inbox
 
-    def load_weights(self, state: dict[str, Tensor], version: int) -> None:
-        """Copies ``state`` into the policy and tags later actions with ``version``."""
+    def load_weights(self, state: dict[str, Tensor] | Channel, version: int) -> None:
+        """Copies ``state`` (or this rank's copy from a :func:`send_state` channel) into the policy and
+        tags later actions with ``version``."""
+        state = receive_state(state, version)
         with self.device_lock():
             load_state_inplace(self.policy, state)
         self.version = version
@@ -521,7 +523,7 @@ class EmbodiedActorWorker(Worker):
         start = time.perf_counter()
         with self.device_lock():
             state = export_state(self.policy)
-        to.call(PolicyRolloutWorker.load_weights, state, self.version).wait()
+        send_state(to, PolicyRolloutWorker.load_weights, state, self.version)
         return {"time/weight_sync": time.perf_counter() - start}
 
     def state_dict(self) -> dict[str, Tensor]:

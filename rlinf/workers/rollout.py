@@ -25,7 +25,7 @@ from torch import Tensor
 from rlinf.channel import Channel
 from rlinf.worker import Worker
 from rlinf.workers.config import RolloutConfig
-from rlinf.workers.weights import load_state_inplace
+from rlinf.workers.weights import load_state_inplace, receive_state
 
 
 @dataclass(frozen=True)
@@ -452,8 +452,10 @@ class RolloutWorker(Worker):
             index=p.index,
         )
 
-    def load_weights(self, state: dict[str, Tensor], version: int) -> int:
-        """Copies ``state`` into the engine's model in place (no restart) and sets the policy version."""
+    def load_weights(self, state: dict[str, Tensor] | Channel, version: int) -> int:
+        """Copies ``state`` (or this rank's copy from a :func:`send_state` channel) into the engine's
+        model in place (no restart) and sets the policy version."""
+        state = receive_state(state, version)
         with self.device_lock():
             self.engine.load_weights(state)
         self.version = version
