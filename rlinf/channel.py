@@ -383,9 +383,7 @@ class Channel:
             except TimeoutError:
                 raise TimeoutError(f"nothing arrived on channel {self.name!r} within {timeout} s") from None
             _note_wait(self.name, start)
-            if batch is None:
-                return []
-            return [batch[0][1]] if len(batch) == 1 else [frames for _, frames in batch]
+            return [] if batch is None else [frames for _, frames in batch]
         reply = self._call(b"GET", [], timeout, args=GET_ARGS.pack(max_items, lo, hi))
         _note_wait(self.name, start)
         if reply.status == CLOSED:
@@ -427,7 +425,7 @@ def _encode(item: Any, version: int, weight: float) -> tuple[list, int | None]:
         return [_META.pack(False, rank, version, weight, time.time(), len(producer)) + producer + header], None
     remote: tuple[Any, ...] | None = None
     key = None
-    sizes = [b.nbytes for b in buffers] if buffers else []
+    sizes = [b.nbytes for b in buffers]
     total = sum(sizes)
     if total >= DIRECT_BYTES:
         proc = _process()

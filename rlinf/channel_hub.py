@@ -399,13 +399,7 @@ class ChannelHub:
             chan.waiters.popleft()
             waiter.taken.append((weight, item))
             waiter.weight = weight
-            if waiter.local:  # _deliver, for a thread of this process (the lowest-latency path)
-                chan.gets += 1
-                waiter.done = True
-                if self._wanted:
-                    self._turn.notify_all()
-            else:
-                self._deliver(chan, waiter)
+            self._deliver(chan, waiter)
         else:
             chan.queue.append((weight, item))
             self._serve(chan)  # a waiting consumer gets the item before the producer gets its ack
