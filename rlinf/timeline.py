@@ -177,7 +177,7 @@ def iteration_windows(tracks: Sequence[Track], stage: str = "actor", method: str
     """Cuts the run into iterations, one per ``method`` call on rank 0 of ``stage``.
 
     An iteration starts with the first call on that rank after the previous ``method`` call ended
-    (in the LLM workflows: ``push_weights``, which opens every step) and ends when its ``method``
+    (in the LLM workflows: ``publish_weights``, which closes the step before) and ends when its ``method``
     call ends. Calls of one rank never overlap, so the windows are disjoint and in order.
 
     Args:

@@ -11,7 +11,9 @@ How this differs from the GRPO paper (Shao et al., 2024, DeepSeekMath):
   estimator is added to the loss as in the paper, from an ``InferenceWorker``.
 - Rewards come from a rule-based verifier (exact integer answer, small format reward), not a
   learned reward model, and advantages use the population std of each group.
-- Rollout, reward and training overlap: groups stream through channels in micro-batches.
+- Rollout, reward and training overlap: groups stream through channels in micro-batches. With
+  ``run.rollout_ahead=1`` the next batch is also generated while this one trains, by weights one
+  step older (one-step off-policy; the clipped ratio against the rollout's log-probs corrects it).
 """
 
 from __future__ import annotations
@@ -37,10 +39,9 @@ from rlinf.workers.config import (
     RolloutConfig,
     RunConfig,
 )
-from rlinf.workers.inference import InferenceWorker
-from rlinf.workers.reward import RewardWorker, Verifier, math_verifier
-from rlinf.workers.rollout import Prompt, RolloutWorker
-from rlinf.workflows._shared import evaluate, launch_workers, prompt_batches, resume, save_checkpoint
+from rlinf.workers.reward import Verifier, math_verifier
+from rlinf.workers.rollout import Prompt
+from rlinf.workflows._shared import Generations, evaluate, launch_workers, prompt_batches, resume, save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -106,39 +107,33 @@ def main(
         )
         tag = run_dir.name
         prompts, samples, scored = Channel(f"{tag}/prompts", 0), Channel(f"{tag}/samples"), Channel(f"{tag}/scored")
-        reward_out = Channel(f"{tag}/to-inference") if w.inference else scored
         eval_problems = splits.eval[: cfg.run.eval_prompts]
         held_out = [Prompt(format_prompt(p, cfg.task, tokenizer), p, i) for i, p in enumerate(eval_problems)]
         checkpoints = run_dir / "checkpoints"
         resumed = resume(w, cfg.run.resume_from, run_dir)  # step 0 unless run.resume_from is set
+        version = w.actor.call(ActorWorker.get_version).wait()[0]
 
         with MetricsWriter(run_dir, cfg.run.steps, show_progress) as log:
             log.write(f"{log.note}\n{place}" if log.note else str(place))
-            before = evaluate(w, prompts, samples, held_out)
+            before = evaluate(w, tag, held_out)
             log.write(f"held-out accuracy before training: {before:.3f} ({len(held_out)} problems)")
             log.log(resumed.step, {"eval/accuracy": before}, advance=False)  # the curve starts here
             last: dict[str, float] = {}
             batches = prompt_batches(splits.train, cfg.task, cfg.run, tokenizer, resumed)
-            for step, batch in enumerate(batches, start=resumed.step + 1):
-                start, n = time.perf_counter(), len(batch)
-                sync = w.actor.call(ActorWorker.push_weights, w.rollout).wait()
-                prompts.put_many(batch)
-                handles = [  # launched together: generation, scoring and training overlap
-                    w.rollout.call(RolloutWorker.generate, prompts, samples, n),
-                    w.reward.call(RewardWorker.score, samples, reward_out, n),
-                    w.actor.call(ActorWorker.train, scored, n),
-                ]
-                if w.inference:
-                    handles.append(w.inference.call(InferenceWorker.infer, reward_out, scored, n))
-                last = merge_rank_metrics([m for h in handles for m in h.wait()] + sync)
+            # rollout and reward run up to run.rollout_ahead batches ahead of the actor
+            generations = Generations(w, prompts, samples, scored, batches, cfg.run.rollout_ahead, version)
+            for step, (n, handles) in enumerate(generations, start=resumed.step + 1):
+                start = time.perf_counter()
+                train = w.actor.call(ActorWorker.train, scored, n)  # streams from the generation in flight
+                last = merge_rank_metrics([m for h in [*handles, train] for m in h.wait()])
+                last |= merge_rank_metrics(w.actor.call(ActorWorker.publish_weights, w.rollout).wait())
                 last["time/step"] = time.perf_counter() - start
                 if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
-                    last["eval/accuracy"] = evaluate(w, prompts, samples, held_out)
+                    last["eval/accuracy"] = evaluate(w, tag, held_out, version=version + step - resumed.step)
                 if cfg.run.save_every and step % cfg.run.save_every == 0:
                     save_checkpoint(w, checkpoints / f"step-{step}", resumed.advanced(step, cfg.run.train_batch))
                 log.log(step, last)
-            w.actor.call(ActorWorker.push_weights, w.rollout).wait()
-            after = evaluate(w, prompts, samples, held_out)
+            after = evaluate(w, tag, held_out, version=version + cfg.run.steps - resumed.step)
             log.log(cfg.run.steps, {"eval/accuracy": after}, advance=False)
             log.write(f"held-out accuracy after training:  {after:.3f}")
             save_checkpoint(w, checkpoints / "final", resumed.advanced(cfg.run.steps, cfg.run.train_batch))

@@ -69,6 +69,12 @@ class PPOConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
 
     def __post_init__(self) -> None:
+        if self.run.rollout_ahead:
+            raise ConfigError(
+                f"run.rollout_ahead={self.run.rollout_ahead}: PPO's critic values each batch with the weights "
+                f"it trains, so generation does not run ahead here; set run.rollout_ahead=0 (grpo, rloo and "
+                f"reinforce_pp support 1)."
+            )
         if self.rollout.group_size < 1:
             raise ConfigError(
                 f"rollout.group_size={self.rollout.group_size}: every prompt needs at least one sample; "
@@ -133,7 +139,7 @@ def main(
 
         with MetricsWriter(run_dir, cfg.run.steps, show_progress) as log:
             log.write(f"{log.note}\n{place}" if log.note else str(place))
-            before = evaluate(w, prompts, samples, held_out)
+            before = evaluate(w, tag, held_out)
             log.write(f"held-out accuracy before training: {before:.3f} ({len(held_out)} problems)")
             log.log(0, {"eval/accuracy": before}, advance=False)  # the curve starts here
             last: dict[str, float] = {}
@@ -154,12 +160,12 @@ def main(
                 last = merge_rank_metrics([m for h in handles for m in h.wait()] + sync)
                 last["time/step"] = time.perf_counter() - start
                 if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
-                    last["eval/accuracy"] = evaluate(w, prompts, samples, held_out)
+                    last["eval/accuracy"] = evaluate(w, tag, held_out)
                 if cfg.run.save_every and step % cfg.run.save_every == 0:
                     save(checkpoints / f"step-{step}")
                 log.log(step, last)
             w.actor.call(ActorWorker.push_weights, w.rollout).wait()
-            after = evaluate(w, prompts, samples, held_out)
+            after = evaluate(w, tag, held_out)
             log.log(cfg.run.steps, {"eval/accuracy": after}, advance=False)
             log.write(f"held-out accuracy after training:  {after:.3f}")
             save(checkpoints / "final")

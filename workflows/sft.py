@@ -22,6 +22,7 @@ from rlinf.channel import Channel
 from rlinf.cluster import Cluster
 from rlinf.config import dump_yaml
 from rlinf.envs.math_task import MathTaskConfig, format_prompt, make_splits, stated_answer
+from rlinf.errors import ConfigError
 from rlinf.metrics import MetricsWriter, merge_rank_metrics
 from rlinf.placement import Placement, PlacementConfig
 from rlinf.workers.actor import ActorWorker, Example
@@ -41,6 +42,13 @@ class SFTConfig:
     actor: ActorConfig = field(default_factory=ActorConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(name="sft"))
     placement: PlacementConfig = field(default_factory=PlacementConfig)
+
+    def __post_init__(self) -> None:
+        if self.run.rollout_ahead:
+            raise ConfigError(
+                f"run.rollout_ahead={self.run.rollout_ahead}: SFT trains on gold answers and generates nothing "
+                f"to run ahead; set run.rollout_ahead=0."
+            )
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -84,7 +92,7 @@ def main(
         place = Placement.from_config(cfg.placement, len(cluster.devices), cfg.components)
         w = launch_workers(cluster, place, cfg.model, cfg.rollout, cfg.actor, model_dir, math_verifier(cfg.task))
         tag = run_dir.name
-        data, prompts, samples = Channel(f"{tag}/examples", 0), Channel(f"{tag}/prompts", 0), Channel(f"{tag}/samples")
+        data = Channel(f"{tag}/examples", 0)
         held_out = [Prompt(format_prompt(p, cfg.task, tokenizer), p, i) for i, p in enumerate(splits.eval)]
         held_out = held_out[: cfg.run.eval_prompts]
         checkpoints = run_dir / "checkpoints"
@@ -92,7 +100,7 @@ def main(
 
         with MetricsWriter(run_dir, cfg.run.steps, show_progress) as log:
             loss_before = held_out_loss(w, data, [gold(p, cfg.task) for p in held_out])
-            acc_before = evaluate(w, prompts, samples, held_out)
+            acc_before = evaluate(w, tag, held_out)
             log.log(resumed.step, {"eval/loss": loss_before, "eval/accuracy": acc_before}, advance=False)
             log.write(f"held-out loss {loss_before:.3f}, accuracy {acc_before:.3f} before training")
             last: dict[str, float] = {}
@@ -109,7 +117,7 @@ def main(
                 log.log(step, last)
             w.actor.call(ActorWorker.push_weights, w.rollout).wait()
             loss_after = held_out_loss(w, data, [gold(p, cfg.task) for p in held_out])
-            acc_after = evaluate(w, prompts, samples, held_out)
+            acc_after = evaluate(w, tag, held_out)
             log.log(cfg.run.steps, {"eval/loss": loss_after, "eval/accuracy": acc_after}, advance=False)
             log.write(f"held-out loss {loss_after:.3f}, accuracy {acc_after:.3f} after training")
             save_checkpoint(w, checkpoints / "final", resumed.advanced(cfg.run.steps, cfg.run.train_batch))

@@ -44,7 +44,7 @@ from rlinf.workers.inference import PackedBatch, pack_groups, token_logprobs
 from rlinf.workers.lora import add_lora, merged_state
 from rlinf.workers.micro_batch import ElasticPull
 from rlinf.workers.rollout import Group, RolloutWorker, load_model, rank_share
-from rlinf.workers.weights import export_state, move_training_state, send_state
+from rlinf.workers.weights import export_state, move_training_state, publish_state, send_state
 from rlinf.workers.zero import DeepSpeedBackend, require_deepspeed
 
 if TYPE_CHECKING:
@@ -468,6 +468,20 @@ class ActorWorker(Worker):
         if self.rank != 0:
             return {}
         send_state(to, RolloutWorker.load_weights, state, self.version)
+        return {"time/weight_sync": time.perf_counter() - start}
+
+    def publish_weights(self, to: WorkerGroup[RolloutWorker]) -> dict[str, float]:
+        """Puts the full weights, tagged with the version, into each rank of ``to``'s weights channel
+        and returns at once; the rollout loads them when its next batch of prompts asks for that
+        version (``RolloutWorker.generate(pull_weights=True)``). Call it on every rank, as
+        :meth:`push_weights`."""
+        self._setup()
+        start = time.perf_counter()
+        with self.device_lock(), self._gathered():
+            state = self._export() if self.rank == 0 else {}
+        if self.rank != 0:
+            return {}
+        publish_state(to, state, self.version)
         return {"time/weight_sync": time.perf_counter() - start}
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -25,7 +25,7 @@ from torch import Tensor
 from rlinf.channel import Channel
 from rlinf.worker import Worker
 from rlinf.workers.config import RolloutConfig
-from rlinf.workers.weights import load_state_inplace, receive_state
+from rlinf.workers.weights import load_state_inplace, newest_state, rank_weights_channel, receive_state
 
 
 @dataclass(frozen=True)
@@ -350,7 +350,9 @@ class RolloutWorker(Worker):
             self.engine = HFEngine(model_dir, dtype, self.device)
         self.tokenizer = self.engine.tokenizer
 
-    def generate(self, prompts: Channel, out: Channel, num_prompts: int, greedy: bool = False) -> dict[str, float]:
+    def generate(
+        self, prompts: Channel, out: Channel, num_prompts: int, greedy: bool = False, pull_weights: bool = False
+    ) -> dict[str, float]:
         """Takes this rank's share of ``num_prompts`` prompts and puts one ``Group`` per prompt into ``out``.
 
         Args:
@@ -358,21 +360,29 @@ class RolloutWorker(Worker):
             out: receives each ``Group`` as soon as its batch finishes, with ``version=`` the policy version.
             num_prompts: prompts to take across all ranks of this group.
             greedy: sample one response per prompt at ``eval_temperature`` (evaluation).
+            pull_weights: before each batch, load the newest weights the actor published
+                (``ActorWorker.publish_weights``), waiting for them while this rank's weights are
+                older than the version a prompt item carries (its channel ``version=``: the oldest
+                policy allowed to answer it).
         """
         cfg = self.cfg
         n = 1 if greedy else cfg.group_size
         temperature = cfg.eval_temperature if greedy else cfg.temperature
         mine = rank_share(num_prompts, self.rank, self.world_size)
         taken, tokens, failed = 0, 0, 0
-        busy = 0.0
+        busy = waited = 0.0
         while taken < mine:
-            batch: list[Prompt] = prompts.get_batch(min(cfg.batch_prompts, mine - taken))
-            if not batch:
+            items = prompts.get_batch_items(min(cfg.batch_prompts, mine - taken))
+            if not items:
                 raise RuntimeError(f"prompt channel {prompts.name!r} closed after {taken} of {mine} prompts.")
-            taken += len(batch)
+            taken += len(items)
+            if pull_weights:
+                start = time.perf_counter()
+                self._pull_weights(max(it.meta.version for it in items))
+                waited += time.perf_counter() - start
             start = time.perf_counter()
             with self.device_lock():
-                groups = self._sample(batch, n, temperature)
+                groups = self._sample([it.payload for it in items], n, temperature)
             busy += time.perf_counter() - start
             for g in groups:
                 tokens += int(g.response_mask.sum())
@@ -383,8 +393,18 @@ class RolloutWorker(Worker):
             "rollout/tokens": float(tokens),
             "rollout/failed_samples": float(failed),
             "rollout/tokens_per_s": tokens / busy if busy > 0 else 0.0,
+            "rollout/version": float(self.version),
             "time/rollout": busy,
+            "time/rollout_weights": waited,
         }
+
+    def _pull_weights(self, need: int) -> None:
+        """Loads the newest published weights if newer than ours; waits for them if ours are older than ``need``."""
+        state, version = newest_state(rank_weights_channel(self.group_name, self.rank), self.version, need)
+        if state is not None:
+            with self.device_lock():
+                self.engine.load_weights(state)
+            self.version = version
 
     def _sample(self, batch: list[Prompt], n: int, temperature: float) -> list[Group]:
         cfg = self.cfg

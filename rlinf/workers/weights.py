@@ -1,5 +1,15 @@
 """Weight sync helpers: a versioned, detached copy of a model's weights, sending it to a worker
-group through a channel, and an in-place load."""
+group through a channel, and an in-place load.
+
+Two ways to hand weights over:
+
+- push (:func:`send_state`): the sender puts one copy per rank and runs the receivers' load method,
+  waiting until every rank has loaded them;
+- publish and pull (:func:`publish_state`, :func:`newest_state`): the sender puts one copy into each
+  rank's own channel and returns; each receiver takes the newest copy when it next needs weights,
+  waiting only if what it has is older than the version its work asks for. A rollout that runs a
+  step ahead of training uses this.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rlinf.channel import Channel
+from rlinf.channel import Channel, Item
 
 
 def export_state(model: nn.Module) -> dict[str, Tensor]:
@@ -43,6 +53,41 @@ def receive_state(state: dict[str, Tensor] | Channel, version: int) -> dict[str,
         item = state.get_item()
         if item.meta.version >= version:
             return item.payload
+
+
+def rank_weights_channel(group_name: str, rank: int) -> Channel:
+    """The channel that carries published weights to one rank of a group (unbounded: a sender never waits)."""
+    return Channel(f"rlinf/weights/{group_name}/{rank}", maxsize=0)
+
+
+def publish_state(to: Any, state: dict[str, Tensor], version: int) -> None:
+    """Puts one copy of ``state``, tagged with ``version``, into each rank's channel of the worker group
+    ``to`` and returns without waiting for anyone to load it."""
+    for rank in range(to.world_size):
+        rank_weights_channel(to.name, rank).put(state, version=version)
+
+
+def newest_state(channel: Channel, have: int, need: int) -> tuple[dict[str, Tensor] | None, int]:
+    """The newest weights published on ``channel`` if newer than version ``have``, else ``None``.
+
+    Older copies still queued are dropped. Blocks until a copy of version ``need`` or later arrives
+    when nothing at hand (``have`` or what is queued) is that new.
+
+    Returns:
+        (the state or None, its version or ``have``).
+    """
+    best: Item | None = None
+    while True:
+        newest = best.meta.version if best is not None else have
+        try:
+            item = channel.get_item(timeout=None if max(newest, have) < need else 0.0)
+        except TimeoutError:
+            break
+        if best is None or item.meta.version >= best.meta.version:
+            best = item
+    if best is None or best.meta.version <= have:
+        return None, have
+    return best.payload, best.meta.version
 
 
 def load_state_inplace(model: nn.Module, state: dict[str, Tensor]) -> None:
