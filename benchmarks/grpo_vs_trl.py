@@ -11,6 +11,7 @@ the two; the first ``--warmup`` steps of every run are left out of the per-step 
     python benchmarks/grpo_vs_trl.py                       # 3 runs each, 10 steps, the ~10M model
     python benchmarks/grpo_vs_trl.py --runs 5 --size tiny  # the ~1M model
     python benchmarks/grpo_vs_trl.py --placement collocated   # rlinf on both slots, two ranks per component
+    python benchmarks/grpo_vs_trl.py --rollout-ahead 1        # rlinf generates the next batch while training
 
 Needs the ``bench`` extra (``make bench`` installs it): ``trl``.
 """
@@ -52,6 +53,7 @@ def _settings(args: argparse.Namespace) -> dict:
         "lr": args.lr,
         "seed": args.seed,
         "placement": args.placement,
+        "rollout_ahead": args.rollout_ahead,
     }
 
 
@@ -184,6 +186,7 @@ def run_rlinf(s: dict) -> dict:
         "run.eval_prompts=1",
         "run.eval_every=0",
         "run.save_every=0",
+        f"run.rollout_ahead={s['rollout_ahead']}",
         *PLACEMENTS[s["placement"]],
     ]
     cfg = load_config(grpo.GRPOConfig, root / "examples" / "grpo_math_tiny.yaml", overrides)
@@ -215,6 +218,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--placement", choices=sorted(PLACEMENTS), default="example", help="rlinf's placement")
+    parser.add_argument(
+        "--rollout-ahead",
+        type=int,
+        default=0,
+        help="rlinf's run.rollout_ahead (1: generate the next batch while training)",
+    )
     parser.add_argument("--one", choices=["trl", "rlinf"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -227,7 +236,7 @@ def main() -> None:
         return
 
     results: dict[str, list[dict]] = {"trl": [], "rlinf": []}
-    passthrough = [f"--{k}={v}" for k, v in _settings(args).items()]
+    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in _settings(args).items()]
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):
             for side in ("trl", "rlinf"):
@@ -262,7 +271,8 @@ def main() -> None:
         for k in ("weight_sync", "rollout", "actor")
     }
     print(
-        f"rlinf ({args.placement} placement) per step, medians: weight sync {parts['weight_sync']:.3f} s, "
+        f"rlinf ({args.placement} placement, rollout_ahead={args.rollout_ahead}) per step, medians: "
+        f"weight sync {parts['weight_sync']:.3f} s, "
         f"rollout call {parts['rollout']:.3f} s, actor call {parts['actor']:.3f} s (rollout and actor overlap)"
     )
     ratio = table["rlinf"][0] / table["trl"][0]
