@@ -155,3 +155,16 @@ def test_ppo_with_kl_penalty_routes_groups_through_inference(cluster, fresh_grou
     out = main(cfg, tmp_path / "run", cluster=cluster, show_progress=False, verifier=digit_share)
     assert out["inference/groups"] == 8 and out["critic/groups"] == 8 and out["actor/groups"] == 8
     assert math.isfinite(out["actor/ref_kl"]) and math.isfinite(out["critic/value_loss"])
+
+
+def test_ppo_and_sft_refuse_to_run_the_rollout_ahead_and_say_why():
+    from rlinf.errors import ConfigError
+    from rlinf.workflows.sft import SFTConfig
+
+    with pytest.raises(ConfigError, match=r"run.rollout_ahead=1: PPO's critic .* set run.rollout_ahead=0"):
+        load_config(PPOConfig, EXAMPLE, ["run.rollout_ahead=1"])
+    sft_example = EXAMPLE.with_name("sft_math_tiny.yaml")
+    with pytest.raises(ConfigError, match=r"SFT trains on gold answers .* set run.rollout_ahead=0"):
+        load_config(SFTConfig, sft_example, ["run.rollout_ahead=1"])
+    with pytest.raises(ConfigError, match=r"run.rollout_ahead=-1 must be >= 0"):
+        load_config(PPOConfig, EXAMPLE, ["run.rollout_ahead=-1"])
