@@ -461,27 +461,24 @@ class ActorWorker(Worker):
     def push_weights(self, to: WorkerGroup[RolloutWorker]) -> dict[str, float]:
         """Sends the full (LoRA-merged, ZeRO-3-gathered) weights to every rank of ``to`` from rank 0,
         tagged with the version. Call it on every rank: gathering ZeRO-3 shards is collective."""
-        self._setup()
-        start = time.perf_counter()
-        with self.device_lock(), self._gathered():
-            state = self._export() if self.rank == 0 else {}
-        if self.rank != 0:
-            return {}
-        send_state(to, RolloutWorker.load_weights, state, self.version)
-        return {"time/weight_sync": time.perf_counter() - start}
+        return self._hand_over(lambda state: send_state(to, RolloutWorker.load_weights, state, self.version))
 
     def publish_weights(self, to: WorkerGroup[RolloutWorker]) -> dict[str, float]:
         """Puts the full weights, tagged with the version, into each rank of ``to``'s weights channel
         and returns at once; the rollout loads them when its next batch of prompts asks for that
         version (``RolloutWorker.generate(pull_weights=True)``). Call it on every rank, as
         :meth:`push_weights`."""
+        return self._hand_over(lambda state: publish_state(to, state, self.version))
+
+    def _hand_over(self, deliver: Callable[[dict[str, Tensor]], None]) -> dict[str, float]:
+        """Exports the full weights (collectively, for ZeRO-3) and has rank 0 ``deliver`` them."""
         self._setup()
         start = time.perf_counter()
         with self.device_lock(), self._gathered():
             state = self._export() if self.rank == 0 else {}
         if self.rank != 0:
             return {}
-        publish_state(to, state, self.version)
+        deliver(state)
         return {"time/weight_sync": time.perf_counter() - start}
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -402,9 +402,7 @@ class RolloutWorker(Worker):
         """Loads the newest published weights if newer than ours; waits for them if ours are older than ``need``."""
         state, version = newest_state(rank_weights_channel(self.group_name, self.rank), self.version, need)
         if state is not None:
-            with self.device_lock():
-                self.engine.load_weights(state)
-            self.version = version
+            self._load(state, version)
 
     def _sample(self, batch: list[Prompt], n: int, temperature: float) -> list[Group]:
         cfg = self.cfg
@@ -475,11 +473,13 @@ class RolloutWorker(Worker):
     def load_weights(self, state: dict[str, Tensor] | Channel, version: int) -> int:
         """Copies ``state`` (or this rank's copy from a :func:`send_state` channel) into the engine's
         model in place (no restart) and sets the policy version."""
-        state = receive_state(state, version)
+        self._load(receive_state(state, version), version)
+        return self.version
+
+    def _load(self, state: dict[str, Tensor], version: int) -> None:
         with self.device_lock():
             self.engine.load_weights(state)
         self.version = version
-        return self.version
 
     def get_version(self) -> int:
         return self.version

@@ -78,9 +78,9 @@ def newest_state(channel: Channel, have: int, need: int) -> tuple[dict[str, Tens
     """
     best: Item | None = None
     while True:
-        newest = best.meta.version if best is not None else have
+        at_hand = have if best is None else max(have, best.meta.version)
         try:
-            item = channel.get_item(timeout=None if max(newest, have) < need else 0.0)
+            item = channel.get_item(timeout=None if at_hand < need else 0.0)
         except TimeoutError:
             break
         if best is None or item.meta.version >= best.meta.version:
