@@ -198,7 +198,36 @@ class VLLMWeightLoader:
 
     def rlinf_load_weights(self, path: str) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        self.model_runner.model.load_weights(weights=state.items())
+        model = self.model_runner.model
+        _unpack_cpu_linears(model)
+        model.load_weights(weights=state.items())
+        for layer in model.modules():  # pack the new weights for the CPU kernels as the first load did
+            if hasattr(layer, "cpu_linear"):
+                layer.quant_method.process_weights_after_loading(layer)
+
+
+def _unpack_cpu_linears(model: torch.nn.Module) -> None:
+    """vLLM-CPU packs each linear layer's weight for its GEMM kernel after loading (the tied output
+    embedding too) and drops the linear layers' parameters the loaders write into. Gives those
+    layers an empty parameter of the original shape again, made the way the layer made it first."""
+    from vllm.model_executor.layers.linear import WEIGHT_LOADER_V2_SUPPORTED, LinearBase, UnquantizedLinearMethod
+
+    for layer in model.modules():
+        method = getattr(layer, "quant_method", None)
+        if not (isinstance(layer, LinearBase) and isinstance(method, UnquantizedLinearMethod)):
+            continue
+        if not hasattr(layer, "cpu_linear") or layer.weight.numel() > 0:
+            continue  # kept its weight (not packed): the loaders write into it as they are
+        v2 = hasattr(layer, "weight_loader_v2") and type(method).__name__ in WEIGHT_LOADER_V2_SUPPORTED
+        method.create_weights(
+            layer=layer,
+            input_size_per_partition=getattr(layer, "input_size_per_partition", layer.input_size),
+            output_partition_sizes=layer.output_partition_sizes,
+            input_size=layer.input_size,
+            output_size=layer.output_size,
+            params_dtype=layer.params_dtype,
+            weight_loader=layer.weight_loader_v2 if v2 else layer.weight_loader,
+        )
 
 
 def _check_cpu_head_size(model_dir: Path) -> None:
@@ -308,13 +337,12 @@ class VLLMEngine:
             try:
                 self.llm.collective_rpc("rlinf_load_weights", args=(path,))
             except Exception as e:
-                if self.can_sleep:  # CUDA: nothing known to add
-                    raise
+                names = ", ".join(list(state)[:3])
                 raise RuntimeError(
-                    "rollout.engine='vllm' on CPU could not load new weights in place: vLLM-CPU repacks its "
-                    f"linear weights after the first load, and its loaders no longer apply ({e}). Fix: "
-                    "rollout.engine=hf for training on CPU (vllm works for generation with fixed weights, "
-                    "and on CUDA)."
+                    f"rollout.engine='vllm' could not load the actor's weights in place ({type(e).__name__}: {e}). "
+                    f"They must be a full state dict of the rollout's model architecture (got {len(state)} "
+                    f"tensors: {names}, ...). Fix: point actor and rollout at the same model, or set "
+                    "rollout.engine=hf."
                 ) from e
         self.llm.reset_prefix_cache()
 
