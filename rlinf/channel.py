@@ -868,6 +868,15 @@ class _Process:
         """This process's own hub, if ``address`` is its address."""
         return self._local_hub if address == self._local_address else None
 
+    def forget_hub(self) -> None:
+        """The cluster stopped: the next channel looks its (new) hub up again. Drops this thread's
+        connection to the old hub; other threads' connections to it are no longer used."""
+        with self._lock:
+            old, self._hub = self._hub, None
+        conns = self._local.__dict__.get("conns", {})
+        if old is not None and old in conns:
+            conns.pop(old).sock.close()
+
     def hub_address(self) -> str:
         if self._hub is None:
             import ray
@@ -935,6 +944,14 @@ class _Process:
 
 _state: _Process | None = None
 _state_lock = threading.Lock()
+
+
+def forget_cluster() -> None:
+    """Called when a cluster stops: channels made afterwards talk to the next cluster's hub, not the
+    stopped one's (which would leave them waiting for a reply forever)."""
+    state = _state
+    if state is not None:
+        state.forget_hub()
 
 
 def _forget_state() -> None:

@@ -152,7 +152,9 @@ class Cluster:
         self.groups.clear()
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
-        from rlinf import shm
+        from rlinf import channel, shm
+
+        channel.forget_cluster()
 
         shm.sweep_stale()  # shared-memory pools of worker processes that were killed
 

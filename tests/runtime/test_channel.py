@@ -302,3 +302,33 @@ def test_payload_shortcut_matches_full_decoding(item):
             assert got.tolist() == item.tolist()
         else:
             assert got == item
+
+
+SECOND_CLUSTER = """
+from rlinf import Channel, Cluster, Worker
+
+class Echo(Worker):
+    def echo(self, inp, out):
+        out.put(inp.get() + 1)
+
+for round in range(2):  # a second cluster in the same process finds its own hub
+    with Cluster() as cluster:
+        group = Echo.launch(cluster, [0])
+        inp, out = Channel(f"in-{round}"), Channel(f"out-{round}")
+        inp.put(round)
+        group.call(Echo.echo, inp, out).wait()
+        print("round", round, "got", out.get(timeout=30), flush=True)
+"""
+
+
+def test_a_second_cluster_in_one_process_gets_working_channels(tmp_path):
+    """Channels made after a cluster stopped and another started talk to the new cluster's hub."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "two_clusters.py"
+    script.write_text(SECOND_CLUSTER)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "round 0 got 1" in out.stdout and "round 1 got 2" in out.stdout, out.stdout
