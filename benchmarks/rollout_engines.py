@@ -90,6 +90,11 @@ class RawVLLM:
         from transformers import AutoTokenizer
         from vllm import LLM
 
+        from rlinf.workers.rollout import _bind_cpu_engine_threads
+
+        # the thread binding the RolloutWorker gives vLLM-CPU (every CPU of its slot; vLLM's own keeps
+        # one of two for its scheduler and runs ~1.6x slower here), so both sides compute alike
+        _bind_cpu_engine_threads()
         self.tok = AutoTokenizer.from_pretrained(str(model_dir))
         self.llm = LLM(model=str(model_dir), dtype="float32", max_model_len=max_len, enforce_eager=True, seed=0)
 
