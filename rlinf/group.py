@@ -76,6 +76,18 @@ class Handle(Generic[R]):
         return self._results
 
 
+def wait_all(handles: Sequence[Handle[Any]]) -> list[list[Any]]:
+    """Each handle's results; raises the first failure among all of them as soon as it happens (so
+    a call that waits on a partner's output does not hide the partner's error)."""
+    pending = {ref: h for h in handles for ref in h._refs}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            h = pending.pop(ref)
+            h.group._unwrap(h.ranks[h._refs.index(ref)], h.method, ref)
+    return [h.wait() for h in handles]
+
+
 class WorkerGroup(Generic[W]):
     """The ranks of one component. ``group.call(MyWorker.method, ...)`` runs on every rank."""
 

@@ -11,7 +11,8 @@ per prompt:
   case the return is that of the unfinished episode).
 - No critic and no KL penalty to a reference policy: the value head is not trained
   (``actor.vf_coef=0``); the PPO clipped loss runs ``actor.epochs`` passes over each rollout.
-- Envs and the policy ping-pong stage by stage as in embodied PPO (``rlinf.workers.env``).
+- Envs and the policy ping-pong stage by stage as in embodied PPO (``rlinf.workers.env``), and
+  ``run.rollout_ahead=1`` starts the next rollout while this one trains, as there.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ from rlinf.workers.embodied import (
     PolicyRolloutWorker,
     group_trajectory_advantages,
 )
-from rlinf.workers.env import EnvWorker, merge_env_metrics, stage_size
+from rlinf.workers.env import EnvWorker, stage_size
+
+from ._embodied import Rollouts
 
 
 @dataclass(frozen=True)
@@ -86,41 +89,43 @@ def main(
         make_policy = functools.partial(build_policy, cfg.policy)
         rollout = PolicyRolloutWorker.launch(cluster, place, make_policy, *spaces, cfg.actor.seed, name="rollout")
         actor = EmbodiedActorWorker.launch(cluster, place, cfg.actor, make_policy, *spaces, cfg.run.steps, name="actor")
-        env_inboxes = env.call(EnvWorker.inbox).wait()
-        policy_inboxes = rollout.call(PolicyRolloutWorker.inbox).wait()
         trajectories = Channel(f"{run_dir.name}/trajectories-{time.time_ns()}")
+        rollouts = Rollouts(
+            env,
+            rollout,
+            trajectories,
+            cfg.rollout.horizon,
+            cfg.run.rollout_ahead,
+            cfg.run.steps,
+            # a fresh starting state per group every step; only first episodes start from it
+            interact_kwargs=lambda k: {"reset_round": k - 1, "first_episode_only": True},
+        )
         num_items = env.world_size * cfg.rollout.stages
         checkpoints, start, step, last = run_dir / "checkpoints", time.perf_counter(), 0, {}
 
         with MetricsWriter(run_dir, cfg.run.steps, show_progress) as log:
             log.write(f"{log.note}\n{place}" if log.note else str(place))
+            actor.call(EmbodiedActorWorker.publish_weights, rollout).wait()  # version 0
+            rollouts.start(1)
             for step in range(1, cfg.run.steps + 1):
                 t0 = time.perf_counter()
-                sync = actor.call(EmbodiedActorWorker.push_weights, rollout).wait()
-                handles = [  # launched together: envs and policy ping-pong, the actor trains on what arrives
-                    rollout.call(PolicyRolloutWorker.serve, env_inboxes),
-                    actor.call(EmbodiedActorWorker.train, trajectories, num_items, group_trajectory_advantages),
-                ]
-                env_metrics = merge_env_metrics(
-                    env.call(
-                        EnvWorker.interact,
-                        policy_inboxes,
-                        trajectories,
-                        cfg.rollout.horizon,
-                        reset_round=step - 1,  # a fresh starting state per group every step
-                        first_episode_only=True,
-                    ).wait()
-                )
-                last = {**merge_rank_metrics([m for h in handles for m in h.wait()] + sync), **env_metrics}
+                # the actor trains on rollout `step` as its trajectories arrive; with run.rollout_ahead=1
+                # rollout step+1 starts as soon as this one ends, by the weights at hand
+                training = actor.call(EmbodiedActorWorker.train, trajectories, num_items, group_trajectory_advantages)
+                collected = rollouts.collect(step)
+                trained = merge_rank_metrics(training.wait())
+                sync = merge_rank_metrics(actor.call(EmbodiedActorWorker.publish_weights, rollout).wait())
+                last = {**collected, **trained, **sync}
                 last["time/step"] = time.perf_counter() - t0
                 last["time/run"] = time.perf_counter() - start
-                last["env/steps_per_s"] = env_metrics["env/steps"] / env_metrics["time/env_rollout"]
                 if cfg.run.save_every and step % cfg.run.save_every == 0:
                     actor.on(0).call(EmbodiedActorWorker.save_checkpoint, str(checkpoints / f"step-{step}")).wait()
                 log.log(step, last)
                 if cfg.run.reached(last):
                     log.write(f"target reached at step {step} after {last['time/run']:.1f} s")
                     break
+                rollouts.published(step)
+            rollouts.close()
             actor.on(0).call(EmbodiedActorWorker.save_checkpoint, str(checkpoints / "final")).wait()
         cluster.write_trace(run_dir / "trace.json")
         return {**last, "run/steps": float(step), "run/reached_target": float(cfg.run.reached(last))}

@@ -10,7 +10,10 @@ How this differs from PPO as in the paper (Schulman et al., 2017) and its common
   terminated ones are not.
 - Advantages are whitened per minibatch; the value loss is unclipped by default
   (``actor.value_clip``); there is no target-KL early stop.
-- Each step is fully on-policy: weights are pushed to the rollout worker before every rollout.
+- Each step is on-policy by default: the actor publishes its weights after every update and the
+  next rollout waits for them. ``run.rollout_ahead=1`` starts the next rollout as soon as this one
+  ends, with weights one update older, so collection overlaps training (the clipped ratio against
+  the rollout's log-probs corrects for it; the values that GAE uses come from those weights too).
   With ``run.target_return`` / ``run.target_success`` set, the run stops once the mean over the
   latest ``run.return_window`` episodes reaches it.
 """
@@ -37,7 +40,9 @@ from rlinf.workers.embodied import (
     PolicyRolloutWorker,
     gae_advantages,
 )
-from rlinf.workers.env import EnvWorker, merge_env_metrics, stage_size
+from rlinf.workers.env import EnvWorker, stage_size
+
+from ._embodied import Rollouts
 
 
 @dataclass(frozen=True)
@@ -77,34 +82,34 @@ def main(
         make_policy = functools.partial(build_policy, cfg.policy)
         rollout = PolicyRolloutWorker.launch(cluster, place, make_policy, *spaces, cfg.actor.seed, name="rollout")
         actor = EmbodiedActorWorker.launch(cluster, place, cfg.actor, make_policy, *spaces, cfg.run.steps, name="actor")
-        env_inboxes = env.call(EnvWorker.inbox).wait()
-        policy_inboxes = rollout.call(PolicyRolloutWorker.inbox).wait()
         trajectories = Channel(f"{run_dir.name}/trajectories-{time.time_ns()}")
+        rollouts = Rollouts(env, rollout, trajectories, cfg.rollout.horizon, cfg.run.rollout_ahead, cfg.run.steps)
         num_items = env.world_size * cfg.rollout.stages
         checkpoints, start, step, last = run_dir / "checkpoints", time.perf_counter(), 0, {}
 
         with MetricsWriter(run_dir, cfg.run.steps, show_progress) as log:
             log.write(f"{log.note}\n{place}" if log.note else str(place))
+            actor.call(EmbodiedActorWorker.publish_weights, rollout).wait()  # version 0
+            rollouts.start(1)
             for step in range(1, cfg.run.steps + 1):
                 t0 = time.perf_counter()
-                sync = actor.call(EmbodiedActorWorker.push_weights, rollout).wait()
-                handles = [  # launched together: envs and policy ping-pong, the actor trains on what arrives
-                    rollout.call(PolicyRolloutWorker.serve, env_inboxes),
-                    actor.call(EmbodiedActorWorker.train, trajectories, num_items, gae_advantages),
-                ]
-                env_metrics = merge_env_metrics(
-                    env.call(EnvWorker.interact, policy_inboxes, trajectories, cfg.rollout.horizon).wait()
-                )
-                last = {**merge_rank_metrics([m for h in handles for m in h.wait()] + sync), **env_metrics}
+                # the actor trains on rollout `step` as its trajectories arrive; with run.rollout_ahead=1
+                # rollout step+1 starts as soon as this one ends, by the weights at hand
+                training = actor.call(EmbodiedActorWorker.train, trajectories, num_items, gae_advantages)
+                collected = rollouts.collect(step)
+                trained = merge_rank_metrics(training.wait())
+                sync = merge_rank_metrics(actor.call(EmbodiedActorWorker.publish_weights, rollout).wait())
+                last = {**collected, **trained, **sync}
                 last["time/step"] = time.perf_counter() - t0
                 last["time/run"] = time.perf_counter() - start
-                last["env/steps_per_s"] = env_metrics["env/steps"] / env_metrics["time/env_rollout"]
                 if cfg.run.save_every and step % cfg.run.save_every == 0:
                     actor.on(0).call(EmbodiedActorWorker.save_checkpoint, str(checkpoints / f"step-{step}")).wait()
                 log.log(step, last)
                 if cfg.run.reached(last):
                     log.write(f"target reached at step {step} after {last['time/run']:.1f} s")
                     break
+                rollouts.published(step)
+            rollouts.close()
             actor.on(0).call(EmbodiedActorWorker.save_checkpoint, str(checkpoints / "final")).wait()
         cluster.write_trace(run_dir / "trace.json")
         return {**last, "run/steps": float(step), "run/reached_target": float(cfg.run.reached(last))}

@@ -30,7 +30,17 @@ from rlinf.trace import tracer
 from rlinf.worker import Worker
 from rlinf.workers.env import ActionReply, EndOfRollout, ObsRequest, Trajectory
 from rlinf.workers.rollout import rank_share
-from rlinf.workers.weights import export_state, load_state_inplace, move_training_state, receive_state, send_state
+from rlinf.workers.weights import (
+    clear_published,
+    export_state,
+    load_state_inplace,
+    move_training_state,
+    newest_state,
+    publish_state,
+    rank_weights_channel,
+    receive_state,
+    send_state,
+)
 
 if TYPE_CHECKING:
     from rlinf.group import WorkerGroup
@@ -141,6 +151,10 @@ class EmbodiedRunConfig:
         output_dir: parent of the run directory ``<output_dir>/<name>-<timestamp>``.
         name: run name prefix.
         cpu_cores_per_slot: cores per CPU slot of an embedded cluster.
+        rollout_ahead: 0 is on-policy: each rollout acts with the weights of the step before. 1 starts
+            the next rollout as soon as this one ends, with the weights at hand (one optimizer step
+            older), so the envs and the policy collect while the actor trains; the PPO ratio
+            against the rollout's log-probs corrects for it and ``actor/staleness`` reports it.
     """
 
     steps: int = 50
@@ -151,10 +165,16 @@ class EmbodiedRunConfig:
     output_dir: str = "runs"
     name: str = "embodied"
     cpu_cores_per_slot: int = 1
+    rollout_ahead: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ConfigError(f"run.steps={self.steps} must be >= 0.")
+        if self.rollout_ahead not in (0, 1):
+            raise ConfigError(
+                f"run.rollout_ahead={self.rollout_ahead}: embodied runs collect at most one rollout ahead of "
+                f"training; use 0 (on-policy) or 1 (the next rollout collects while this one trains)."
+            )
         if self.return_window < 1:
             raise ConfigError(f"run.return_window={self.return_window} must be >= 1 episode; try 32.")
         if self.save_every < 0:
@@ -189,6 +209,8 @@ class PolicyRolloutWorker(Worker):
         self.policy: Any = make_policy(observation_space, action_space).to(self.device)
         self.policy.eval()
         self.version = 0
+        self._loaded = False  # until the actor's weights arrive, version 0 is this rank's own initialisation
+        clear_published(self.group_name, self.rank)  # a previous run's rollout group had this name
         self._inbox = Channel(f"{self.group_name}:{self.rank}/obs/{uuid.uuid4().hex[:12]}", host="here")
 
     def inbox(self) -> Channel:
@@ -202,17 +224,27 @@ class PolicyRolloutWorker(Worker):
         with self.device_lock():
             load_state_inplace(self.policy, state)
         self.version = version
+        self._loaded = True
 
-    def serve(self, envs: Sequence[Channel]) -> dict[str, float]:
+    def serve(self, envs: Sequence[Channel], need_version: int | None = None) -> dict[str, float]:
         """Answers requests until every env rank this rank serves (``e % world_size == rank``) has ended its rollout.
 
         Args:
             envs: every env rank's inbox (``EnvWorker.inbox``), in rank order.
+            need_version: first load the newest weights the actor published
+                (``EmbodiedActorWorker.publish_weights``), waiting until they are at least this version;
+                None serves with the weights at hand (pushed ones).
         """
         mine = len(range(self.rank, len(envs), self.world_size))
         ended = answered = 0
         busy = 0.0
         start = time.perf_counter()
+        if need_version is not None:
+            have = self.version if self._loaded else -1
+            state, version = newest_state(rank_weights_channel(self.group_name, self.rank), have, need_version)
+            if state is not None:
+                self.load_weights(state, version)
+        weights_s = time.perf_counter() - start
         tr = tracer()
         with self.device_lock():
             while ended < mine:
@@ -233,6 +265,7 @@ class PolicyRolloutWorker(Worker):
             "rollout/samples": float(answered),
             "rollout/version": float(self.version),
             "time/rollout_compute": busy,
+            "time/rollout_weights": weights_s,
             "time/rollout": time.perf_counter() - start,
         }
 
@@ -524,6 +557,17 @@ class EmbodiedActorWorker(Worker):
         with self.device_lock():
             state = export_state(self.policy)
         send_state(to, PolicyRolloutWorker.load_weights, state, self.version)
+        return {"time/weight_sync": time.perf_counter() - start}
+
+    def publish_weights(self, to: WorkerGroup[PolicyRolloutWorker]) -> dict[str, float]:
+        """Puts the current weights, tagged with the version, into each rank of ``to``'s weights channel
+        (from rank 0) and returns at once; ``PolicyRolloutWorker.serve(need_version=...)`` loads them."""
+        if self.rank != 0:
+            return {}
+        start = time.perf_counter()
+        with self.device_lock():
+            state = export_state(self.policy)
+        publish_state(to, state, self.version)
         return {"time/weight_sync": time.perf_counter() - start}
 
     def state_dict(self) -> dict[str, Tensor]:

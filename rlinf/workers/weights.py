@@ -60,6 +60,18 @@ def rank_weights_channel(group_name: str, rank: int) -> Channel:
     return Channel(f"rlinf/weights/{group_name}/{rank}", maxsize=0)
 
 
+def clear_published(group_name: str, rank: int) -> int:
+    """Drops copies left in a rank's weights channel by an earlier run in the same cluster (a new rank
+    calls it before anyone publishes to it); returns how many there were."""
+    channel, dropped = rank_weights_channel(group_name, rank), 0
+    while True:
+        try:
+            channel.get_item(timeout=0.0)
+        except TimeoutError:
+            return dropped
+        dropped += 1
+
+
 def publish_state(to: Any, state: dict[str, Tensor], version: int) -> None:
     """Puts one copy of ``state``, tagged with ``version``, into each rank's channel of the worker group
     ``to`` and returns without waiting for anyone to load it."""

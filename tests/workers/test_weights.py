@@ -8,7 +8,14 @@ import time
 import torch
 
 from rlinf import Channel, Worker
-from rlinf.workers.weights import newest_state, publish_state, rank_weights_channel, receive_state, send_state
+from rlinf.workers.weights import (
+    clear_published,
+    newest_state,
+    publish_state,
+    rank_weights_channel,
+    receive_state,
+    send_state,
+)
 
 
 class Holder(Worker):
@@ -63,6 +70,9 @@ def test_a_pull_takes_the_newest_copy_and_waits_only_for_a_version_it_needs(clus
     start = time.monotonic()
     state, version = newest_state(ch, have=2, need=3)  # must wait for version 3
     assert version == 3 and time.monotonic() - start >= 0.25
+    # copies an earlier run left behind are dropped by the next rank of that name before it pulls
+    ch.put({"w": torch.ones(2)}, version=9)
+    assert clear_published("pull-test", 0) == 1 and ch.qsize() == 0
 
 
 def test_published_weights_reach_every_rank_when_it_pulls(fresh_groups):

@@ -25,3 +25,11 @@ def track_names(run_dir: Path) -> set[str]:
     """Names of the tracks (one per rank) in the run's trace."""
     trace = json.loads((run_dir / "trace.json").read_text())
     return {e.get("args", {}).get("name", "") for e in trace["traceEvents"] if e.get("ph") == "M"}
+
+
+def calls(run_dir: Path, track: str, method: str) -> list[tuple[float, float]]:
+    """(start, end) of each ``method`` call on one rank's track of the run's trace, in time order."""
+    trace = json.loads((run_dir / "trace.json").read_text())["traceEvents"]
+    pids = {e["pid"] for e in trace if e.get("ph") == "M" and e.get("args", {}).get("name") == track}
+    spans = [e for e in trace if e.get("ph") == "X" and e["pid"] in pids and e["name"] == method]
+    return sorted((e["ts"], e["ts"] + e["dur"]) for e in spans)

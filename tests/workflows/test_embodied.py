@@ -15,7 +15,7 @@ from rlinf.config import load_config
 from rlinf.workflows.embodied_grpo import EmbodiedGRPOConfig
 from rlinf.workflows.embodied_ppo import EmbodiedPPOConfig
 
-from ._tiny_run import track_names
+from ._tiny_run import calls, track_names
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # example -> (workflow, overrides that shrink it to a smoke run)
@@ -110,6 +110,25 @@ def test_bad_configs_are_refused_with_a_hint(cluster, capsys):
     grpo = str(EXAMPLES / "embodied_grpo_cartpole.yaml")
     assert cli.main(["run", "embodied_grpo", grpo, "env.group_size=1"]) == 2
     assert "at least 2" in capsys.readouterr().err
+    assert cli.main(["run", "embodied_ppo", example, "run.rollout_ahead=2"]) == 2
+    assert "use 0 (on-policy) or 1" in capsys.readouterr().err
+
+
+def test_ppo_one_rollout_ahead_collects_the_next_rollout_while_this_one_trains(fresh_groups, tmp_path):
+    """run.rollout_ahead=1: rollout k+1 starts when rollout k ends, by the weights of update k-1."""
+    example = "embodied_ppo_cartpole.yaml"
+    extra = ["steps=4", "run.rollout_ahead=1"]
+    assert run_cli("embodied_ppo", example, tmp_path / "run", extra) == 0
+    recs = records(tmp_path / "run")
+    assert [r["actor/version"] for r in recs] == [1, 2, 3, 4]
+    assert [r["rollout/version"] for r in recs] == [0, 0, 1, 2]  # update k-1 is published after rollout k+1 starts
+    assert [r["actor/staleness"] for r in recs] == [0, 1, 1, 1]
+    assert all(r["actor/samples"] == r["env/steps"] for r in recs)
+    acting = calls(tmp_path / "run", "env rank 0", "EnvWorker.interact")
+    training = calls(tmp_path / "run", "actor rank 0", "EmbodiedActorWorker.train")
+    assert len(acting) == len(training) == 4
+    for k in range(3):  # rollout k+1 begins before training on rollout k ends
+        assert acting[k + 1][0] < training[k][1]
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from rlinf.config import load_config
 from rlinf.models import build_tiny_model
 from rlinf.workflows.grpo import GRPOConfig
 
-from ._tiny_run import metric_records, run_tiny, track_names
+from ._tiny_run import calls, metric_records, run_tiny, track_names
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "grpo_math_tiny.yaml"
 
@@ -117,14 +117,6 @@ def test_grpo_with_kl_penalty_routes_groups_through_inference(cluster, model_dir
     assert out["actor/ref_kl"] >= 0
 
 
-def _calls(run_dir: Path, track: str, method: str) -> list[tuple[float, float]]:
-    """(start, end) of each ``method`` call on one rank's track of the run's trace, in time order."""
-    trace = json.loads((run_dir / "trace.json").read_text())["traceEvents"]
-    pids = {e["pid"] for e in trace if e.get("ph") == "M" and e.get("args", {}).get("name") == track}
-    spans = [e for e in trace if e.get("ph") == "X" and e["pid"] in pids and e["name"] == method]
-    return sorted((e["ts"], e["ts"] + e["dur"]) for e in spans)
-
-
 def test_grpo_one_step_ahead_generates_the_next_batch_while_this_one_trains(cluster, model_dir, tmp_path):
     """run.rollout_ahead=1: batch k+1 is generated (by weights one version old) while batch k trains."""
     from rlinf.workflows.grpo import main
@@ -144,8 +136,8 @@ def test_grpo_one_step_ahead_generates_the_next_batch_while_this_one_trains(clus
         assert max(k - 2, 0) <= r["rollout/version"] <= k - 1 and r["actor/staleness"] <= 1
     assert steps[0]["actor/staleness"] == 0 and steps[1]["actor/staleness"] == 1  # batch 2 began before v1 existed
     assert steps[1]["eval/accuracy"] >= 0 and out["eval/accuracy_after"] >= 0
-    gens = _calls(run_dir, "rollout rank 0", "RolloutWorker.generate")
-    trains = _calls(run_dir, "actor rank 0", "ActorWorker.train")
+    gens = calls(run_dir, "rollout rank 0", "RolloutWorker.generate")
+    trains = calls(run_dir, "actor rank 0", "ActorWorker.train")
     assert len(trains) == 4 and len(gens) == 4 + 3  # with the evaluations before, at step 2 and after
     # before train k ends, the evaluation before training and batches 1..k+1 have started generating
     # (on-policy, batch k+1 would wait for train k and the weights it publishes)
