@@ -47,11 +47,13 @@ def records(run_dir: Path) -> list[dict[str, Any]]:
 
 def check_run_dir(run_dir: Path, cfg_cls: type, steps: int) -> list[dict[str, Any]]:
     assert (run_dir / "config.yaml").is_file()
-    assert load_config(cfg_cls, run_dir / "config.yaml").run.steps == steps
+    cfg = load_config(cfg_cls, run_dir / "config.yaml")
+    assert cfg.run.steps == steps
     recs = records(run_dir)
     assert [r["step"] for r in recs] == list(range(1, steps + 1))
-    for r in recs:
-        assert r["actor/version"] == r["step"] and r["rollout/version"] == r["step"] - 1
+    for r in recs:  # on-policy, rollout k acts with version k-1; running one ahead, with k-2
+        assert r["actor/version"] == r["step"]
+        assert r["rollout/version"] == max(r["step"] - 1 - cfg.run.rollout_ahead, 0)
         assert r["env/steps"] > 0 and r["actor/samples"] > 0 and r["time/step"] > 0
     names = track_names(run_dir)
     assert {"env", "rollout", "actor"} <= {n.split(" ")[0].split("-")[0] for n in names}
