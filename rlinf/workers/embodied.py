@@ -551,23 +551,21 @@ class EmbodiedActorWorker(Worker):
 
     def push_weights(self, to: WorkerGroup[PolicyRolloutWorker]) -> dict[str, float]:
         """Sends the current weights to every rank of ``to`` (from rank 0), tagged with the version."""
-        if self.rank != 0:
-            return {}
-        start = time.perf_counter()
-        with self.device_lock():
-            state = export_state(self.policy)
-        send_state(to, PolicyRolloutWorker.load_weights, state, self.version)
-        return {"time/weight_sync": time.perf_counter() - start}
+        return self._hand_over(lambda state: send_state(to, PolicyRolloutWorker.load_weights, state, self.version))
 
     def publish_weights(self, to: WorkerGroup[PolicyRolloutWorker]) -> dict[str, float]:
         """Puts the current weights, tagged with the version, into each rank of ``to``'s weights channel
         (from rank 0) and returns at once; ``PolicyRolloutWorker.serve(need_version=...)`` loads them."""
+        return self._hand_over(lambda state: publish_state(to, state, self.version))
+
+    def _hand_over(self, deliver: Callable[[dict[str, Tensor]], None]) -> dict[str, float]:
+        """Exports the weights and has rank 0 ``deliver`` them."""
         if self.rank != 0:
             return {}
         start = time.perf_counter()
         with self.device_lock():
             state = export_state(self.policy)
-        publish_state(to, state, self.version)
+        deliver(state)
         return {"time/weight_sync": time.perf_counter() - start}
 
     def state_dict(self) -> dict[str, Tensor]:

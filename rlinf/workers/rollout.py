@@ -241,8 +241,8 @@ def _bind_cpu_engine_threads() -> None:
     for its scheduler; on a 2-vCPU slot that leaves it a single CPU, and with this rank's
     ``MKL_NUM_THREADS`` of 2 the threads then fight over it (~100x slower here). Binds the engine's
     threads to every CPU this rank is pinned to instead, unless ``VLLM_CPU_OMP_THREADS_BIND`` is
-    set already. Measured with
-    SmolLM2-135M on 2 vCPUs: 234 tok/s, against 147 with vLLM's own binding."""
+    set already. Measured with SmolLM2-135M on 2 vCPUs: 234 tok/s, against 147 with vLLM's own
+    binding."""
     if "VLLM_CPU_OMP_THREADS_BIND" in os.environ or not hasattr(os, "sched_getaffinity"):
         return
     cpus = sorted(os.sched_getaffinity(0))

