@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from rlinf.config import load_config
     from rlinf.devices import Device
     from rlinf.errors import ChannelClosed, ConfigError, PlacementError, WorkerDiedError, WorkerError
-    from rlinf.group import Handle, WorkerGroup
+    from rlinf.group import Handle, PendingGroup, WorkerGroup
     from rlinf.placement import ComponentPlacement, Placement, PlacementConfig
     from rlinf.worker import Worker
 
@@ -36,6 +36,7 @@ _EXPORTS = {
     "WorkerError": "rlinf.errors",
     "Handle": "rlinf.group",
     "WorkerGroup": "rlinf.group",
+    "PendingGroup": "rlinf.group",
     "ComponentPlacement": "rlinf.placement",
     "Placement": "rlinf.placement",
     "PlacementConfig": "rlinf.placement",
@@ -52,6 +53,7 @@ __all__ = [
     "Handle",
     "Item",
     "ItemMeta",
+    "PendingGroup",
     "Placement",
     "PlacementConfig",
     "PlacementError",

@@ -173,15 +173,73 @@ class WorkerGroup(Generic[W]):
 _names = itertools.count(2)
 
 
-def launch_group(
+class PendingGroup(Generic[W]):
+    """A group whose rank processes are starting (importing the worker's module) but whose workers are
+    not built yet; ``Worker.start`` returns one. ``construct(*args)`` sends the constructor arguments,
+    ``wait()`` returns the ready ``WorkerGroup``; ``launch(*args)`` does both.
+
+    Starting every group of a workflow first and building them after lets their processes start side
+    by side, also when one group's arguments come from another (an env's spaces for its policy)."""
+
+    def __init__(self, cluster: Cluster, group: WorkerGroup[W], lock: Any) -> None:
+        self.cluster, self.group, self._lock = cluster, group, lock
+        self._building: Handle[dict[str, Any]] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.group.name
+
+    def construct(self, *args: Any) -> PendingGroup[W]:
+        """Builds every rank's worker with ``args`` (returns at once; ``wait()`` for the result)."""
+        if self._building is not None:
+            raise RuntimeError(f"{self.name}: construct() was already called; a group is built once.")
+        payload = cloudpickle.dumps(args)
+        refs = [h.build.remote(payload) for h in self.group.hosts]
+        self._building = Handle(self.group, self.group.ranks, refs, "__init__")
+        return self
+
+    def wait(self) -> WorkerGroup[W]:
+        """Waits until every rank is built and registered; kills the group if one failed."""
+        if self._building is None:
+            raise RuntimeError(f"{self.name}: call construct(*args) before wait().")
+        group, hosts = self.group, self.group.hosts
+        if self._building._results is not None:
+            return group
+        try:
+            group.info = self._building.wait()
+            master = (group.info[0]["ip"], group.info[0]["port"])
+            ray.get([h.configure.remote(master) for h in hosts])
+            ray.get(
+                [
+                    self._lock.register.remote([d.key for d in devs], f"{group.name}:{r}", h)
+                    for r, (h, devs) in enumerate(zip(hosts, group.devices, strict=True))
+                ]
+            )
+        except BaseException:
+            group.kill()
+            if group in self.cluster.groups:
+                self.cluster.groups.remove(group)
+            raise
+        return group
+
+    def launch(self, *args: Any) -> WorkerGroup[W]:
+        """``construct(*args).wait()``."""
+        return self.construct(*args).wait()
+
+    def __repr__(self) -> str:
+        state = "starting" if self._building is None else "building"
+        return f"PendingGroup({self.name}, world_size={self.group.world_size}, {state})"
+
+
+def start_group(
     cls: type[W],
     cluster: Cluster,
     where: Placement | ComponentPlacement | Sequence[int] | Sequence[Device],
-    args: tuple[Any, ...],
     name: str | None,
-) -> WorkerGroup[W]:
+) -> PendingGroup[W]:
     from rlinf.host import WorkerHost
     from rlinf.placement import ComponentPlacement, Placement
+    from rlinf.worker import RankContext
 
     if isinstance(where, Placement):
         component = name or cls.__name__
@@ -199,12 +257,9 @@ def launch_group(
         group_name = f"{group_name}-{next(_names)}"
     lock = _lock_service()
     remote_host = ray.remote(WorkerHost)
-    payload = cloudpickle.dumps((cls, args))
+    payload = cloudpickle.dumps(cls)
     hosts: list[Any] = []
     for rank, devs in enumerate(rank_devices):
-        ctx_env = _env_for(devs)
-        from rlinf.worker import RankContext
-
         ctx = RankContext(group_name, rank, len(rank_devices), devs)
         hosts.append(
             remote_host.options(
@@ -215,27 +270,11 @@ def launch_group(
                 max_concurrency=8,
                 max_restarts=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(devs[0].node_id, soft=False),
-            ).remote(payload, ctx, ctx_env, lock)
+            ).remote(payload, ctx, _env_for(devs), lock)
         )
     group: WorkerGroup[W] = WorkerGroup(cls, group_name, hosts, list(rank_devices))
     cluster.groups.append(group)
-    refs = [h.ready.remote() for h in hosts]
-    try:
-        infos: list[dict[str, Any]] = Handle(group, list(range(len(hosts))), refs, "__init__").wait()
-    except BaseException:
-        group.kill()
-        cluster.groups.remove(group)
-        raise
-    group.info = infos
-    master = (infos[0]["ip"], infos[0]["port"])
-    ray.get([h.configure.remote(master) for h in hosts])
-    ray.get(
-        [
-            lock.register.remote([d.key for d in devs], f"{group_name}:{r}", h)
-            for r, (h, devs) in enumerate(zip(hosts, rank_devices, strict=True))
-        ]
-    )
-    return group
+    return PendingGroup(cluster, group, lock)
 
 
 def _device(cluster: Cluster, d: int | Device) -> Device:

@@ -24,7 +24,7 @@ Outcome = tuple[bool, Any, float, float]
 class WorkerHost:
     """Pins the process to its devices, builds the worker and runs its methods."""
 
-    def __init__(self, payload: bytes, ctx: RankContext, env: dict[str, str], lock_service: Any) -> None:
+    def __init__(self, cls_payload: bytes, ctx: RankContext, env: dict[str, str], lock_service: Any) -> None:
         # The environment is set here rather than through a Ray runtime_env: that would cost a fresh
         # worker process per rank (seconds) instead of reusing one of Ray's idle ones.
         os.environ.update(env)
@@ -33,7 +33,9 @@ class WorkerHost:
                 sys.path.insert(0, p)
         from ray import cloudpickle
 
-        cls, args = cloudpickle.loads(payload)
+        # Unpickling the class imports its module (torch, simulators, ...): the slow part of a start,
+        # done before the constructor's arguments are known so that groups can start side by side.
+        cls = cloudpickle.loads(cls_payload)
         _pin(ctx)
         channel.set_identity(ctx.group, ctx.rank)
         self._ctx = ctx
@@ -44,30 +46,31 @@ class WorkerHost:
 
         self._rt = _Runtime(ctx, ray.get_runtime_context().current_actor, lock_service, ("", 0))
         _set_runtime(self._rt)
+
+    def build(self, args_payload: bytes) -> Outcome:
+        """Constructs the worker; on success, the address rank 0 offers for torch.distributed."""
+        from ray import cloudpickle
+
+        cls, ctx = self._cls, self._ctx
         start = time.time()
-        self._init_error: tuple[str, str] | None = None
         try:
+            args = cloudpickle.loads(args_payload)
             worker = cls.__new__(cls)
             worker.rank, worker.world_size, worker.devices = ctx.rank, ctx.world_size, ctx.devices
             worker.group_name = ctx.group
             worker.__init__(*args)
             self._rt.worker = worker
         except BaseException as e:
-            self._init_error = (f"{type(e).__name__}: {e}", traceback.format_exc())
-        tracer().add(f"{cls.__name__}.__init__", "call", start, time.time())
-
-    def ready(self) -> Outcome:
-        """Reports construction; on success, the address rank 0 offers for torch.distributed."""
-        now = time.time()
-        if self._init_error is not None:
-            return (False, self._init_error, now, now)
+            return (False, (f"{type(e).__name__}: {e}", traceback.format_exc()), start, time.time())
+        end = time.time()
+        tracer().add(f"{cls.__name__}.__init__", "call", start, end)
         import ray
 
         ip = ray.util.get_node_ip_address()
         with socket.socket() as s:
             s.bind((ip, 0))
             port = s.getsockname()[1]
-        return (True, {"host": host_label(), "ip": ip, "port": port, "pid": os.getpid()}, now, now)
+        return (True, {"host": host_label(), "ip": ip, "port": port, "pid": os.getpid()}, start, end)
 
     def configure(self, dist_master: tuple[str, int]) -> None:
         self._rt.dist_master = dist_master

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch.distributed as dist
 
     from rlinf.cluster import Cluster
-    from rlinf.group import WorkerGroup
+    from rlinf.group import PendingGroup, WorkerGroup
     from rlinf.placement import ComponentPlacement, Placement
 
 
@@ -64,9 +64,24 @@ class Worker:
             args: passed to every rank's ``__init__``.
             name: the group's name (default: the class name); with a ``Placement``, the component.
         """
-        from rlinf.group import launch_group
+        return cls.start(cluster, where, name=name).launch(*args)
 
-        return launch_group(cls, cluster, where, args, name)
+    @classmethod
+    def start(
+        cls,
+        cluster: Cluster,
+        where: Placement | ComponentPlacement | Sequence[int] | Sequence[Device],
+        name: str | None = None,
+    ) -> PendingGroup[Self]:
+        """Starts the ranks' processes (they import this class's module) and returns at once.
+
+        Build the workers later with ``pending.launch(*args)`` (or ``construct(*args)`` now and
+        ``wait()`` later): starting several groups before building any lets their processes start
+        side by side, which is most of a launch on a small machine.
+        """
+        from rlinf.group import start_group
+
+        return start_group(cls, cluster, where, name)
 
     # ---- hooks -----------------------------------------------------------------------------------
 

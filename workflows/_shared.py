@@ -82,13 +82,19 @@ def launch_workers(
     inference: InferenceConfig | None = None,
 ) -> Workers:
     dtype, temperature = model.dtype, rollout.temperature
+    # every group's processes start and build side by side; then each is waited for
+    building = {
+        "rollout": RolloutWorker.start(cluster, place, name="rollout").construct(rollout, model_dir, dtype),
+        "reward": RewardWorker.start(cluster, place, name="reward").construct(verifier, reward),
+        "actor": ActorWorker.start(cluster, place, name="actor").construct(actor, model_dir, temperature, dtype),
+    }
+    if actor.kl_coef > 0:
+        building["inference"] = InferenceWorker.start(cluster, place, name="inference").construct(
+            model_dir, temperature, dtype, inference
+        )
+    groups = {name: pending.wait() for name, pending in building.items()}
     return Workers(
-        rollout=RolloutWorker.launch(cluster, place, rollout, model_dir, dtype, name="rollout"),
-        reward=RewardWorker.launch(cluster, place, verifier, reward, name="reward"),
-        actor=ActorWorker.launch(cluster, place, actor, model_dir, temperature, dtype, name="actor"),
-        inference=InferenceWorker.launch(cluster, place, model_dir, temperature, dtype, inference, name="inference")
-        if actor.kl_coef > 0
-        else None,
+        rollout=groups["rollout"], reward=groups["reward"], actor=groups["actor"], inference=groups.get("inference")
     )
 
 

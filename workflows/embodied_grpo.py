@@ -84,11 +84,16 @@ def main(
     try:
         place = Placement.from_config(cfg.placement, len(cluster.devices), cfg.components)
         stage_size(cfg.env, place["env"].world_size, cfg.rollout.stages)  # a bad split fails before any launch
-        env = EnvWorker.launch(cluster, place, cfg.env, cfg.rollout.stages, cfg.run.return_window, name="env")
+        # every group's processes start at once; the policy's and the actor's are built with the env's spaces
+        pending_env = EnvWorker.start(cluster, place, name="env")
+        pending_rollout = PolicyRolloutWorker.start(cluster, place, name="rollout")
+        pending_actor = EmbodiedActorWorker.start(cluster, place, name="actor")
+        env = pending_env.launch(cfg.env, cfg.rollout.stages, cfg.run.return_window)
         spaces = env.on(0).call(EnvWorker.spaces).wait()[0]
         make_policy = functools.partial(build_policy, cfg.policy)
-        rollout = PolicyRolloutWorker.launch(cluster, place, make_policy, *spaces, cfg.actor.seed, name="rollout")
-        actor = EmbodiedActorWorker.launch(cluster, place, cfg.actor, make_policy, *spaces, cfg.run.steps, name="actor")
+        rollout_built = pending_rollout.construct(make_policy, *spaces, cfg.actor.seed)
+        actor = pending_actor.launch(cfg.actor, make_policy, *spaces, cfg.run.steps)
+        rollout = rollout_built.wait()
         trajectories = Channel(f"{run_dir.name}/trajectories-{time.time_ns()}")
         rollouts = Rollouts(
             env,

@@ -119,10 +119,13 @@ def main(
         splits = make_splits(cfg.task)
         place = Placement.from_config(cfg.placement, len(cluster.devices), cfg.components)
         verify = verifier or math_verifier(cfg.task)
+        building_critic = CriticWorker.start(cluster, place, name="critic").construct(
+            cfg.critic, model_dir, cfg.model.dtype
+        )
         w = launch_workers(
             cluster, place, cfg.model, cfg.rollout, cfg.actor, model_dir, verify, cfg.reward, cfg.inference
         )
-        critic = CriticWorker.launch(cluster, place, cfg.critic, model_dir, cfg.model.dtype, name="critic")
+        critic = building_critic.wait()
         tag = run_dir.name
         prompts, samples, valued = Channel(f"{tag}/prompts", 0), Channel(f"{tag}/samples"), Channel(f"{tag}/valued")
         to_critic = Channel(f"{tag}/to-critic")

@@ -279,6 +279,10 @@ class GaussianHead(nn.Module):
         per_dim = 0.5 + 0.5 * math.log(2 * math.pi) + self.log_std
         return per_dim.sum().expand(mean.shape[0])
 
+    def log_prob_and_entropy(self, mean: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
+        """``(log_prob(mean, actions), entropy(mean))``."""
+        return self.log_prob(mean, actions), self.entropy(mean)
+
 
 class CategoricalHead(nn.Module):
     """Independent categoricals over ``D`` action dimensions; parameters are logits ``[B, D, K]``.
@@ -330,15 +334,19 @@ class CategoricalHead(nn.Module):
         self.register_buffer("valid", valid, persistent=False)
         self.register_buffer("start", torch.as_tensor(start, dtype=torch.int64), persistent=False)
         self.bins = self.num_classes if self.binned else None
+        self.padded = bool(not valid.all())  # MultiDiscrete with unequal sizes: some classes masked
 
     @property
     def param_shape(self) -> tuple[int, ...]:
         """Shape of the parameters per sample (the logits)."""
         return (self.num_dims, self.num_classes)
 
-    def _dist(self, logits: Tensor) -> torch.distributions.Categorical:
+    def _log_softmax(self, logits: Tensor) -> Tensor:
+        """Normalised log-probabilities ``[B, D, K]``; classes a dimension does not have get ``finfo.min``."""
+        if not self.padded:
+            return torch.log_softmax(logits, dim=-1)
         masked = logits.masked_fill(~self.valid, torch.finfo(logits.dtype).min)
-        return torch.distributions.Categorical(logits=masked)
+        return torch.log_softmax(masked, dim=-1).clamp(min=torch.finfo(logits.dtype).min)
 
     def decode(self, idx: Tensor) -> Tensor:
         """Class indices ``int64 [B, D]`` -> actions in the env's space."""
@@ -357,17 +365,32 @@ class CategoricalHead(nn.Module):
 
     def sample(self, logits: Tensor, deterministic: bool) -> Tensor:
         """Actions for logits ``[B, D, K]``: sampled, or the most likely class of each dimension."""
-        dist = self._dist(logits)
-        idx = dist.probs.argmax(-1) if deterministic else dist.sample()
+        logp = self._log_softmax(logits)
+        if deterministic:
+            idx = logp.argmax(-1)
+        else:
+            idx = torch.multinomial(logp.exp().reshape(-1, self.num_classes), 1).reshape(logp.shape[:-1])
         return self.decode(idx)
 
     def log_prob(self, logits: Tensor, actions: Tensor) -> Tensor:
         """Log-probability ``[B]`` of ``actions``, summed over dimensions."""
-        return self._dist(logits).log_prob(self.encode(actions)).sum(-1)
+        logp = self._log_softmax(logits)
+        return logp.gather(-1, self.encode(actions)[..., None]).squeeze(-1).sum(-1)
 
     def entropy(self, logits: Tensor) -> Tensor:
         """Entropy ``[B]``, summed over dimensions."""
-        return self._dist(logits).entropy().sum(-1)
+        return _categorical_entropy(self._log_softmax(logits))
+
+    def log_prob_and_entropy(self, logits: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
+        """``(log_prob(logits, actions), entropy(logits))`` with one softmax (the training step's hot path)."""
+        logp = self._log_softmax(logits)
+        taken = logp.gather(-1, self.encode(actions)[..., None]).squeeze(-1).sum(-1)
+        return taken, _categorical_entropy(logp)
+
+
+def _categorical_entropy(logp: Tensor) -> Tensor:
+    """``-sum p log p`` over classes and dimensions: ``[B, D, K] -> [B]`` (masked classes add 0)."""
+    return -(logp.exp() * logp).sum((-2, -1))
 
 
 ActionHead: TypeAlias = GaussianHead | CategoricalHead
@@ -673,7 +696,8 @@ class Policy(nn.Module):
         """Same as ``evaluate``, so that ``DistributedDataParallel(policy)(obs, actions)`` syncs gradients."""
         params, values = self.action_params(obs)
         acts = self._actions(actions, params.shape[0])
-        return self.head.log_prob(params, acts), self.head.entropy(params), values
+        logp, entropy = self.head.log_prob_and_entropy(params, acts)
+        return logp, entropy, values
 
     @torch.no_grad()
     def act(self, obs: ObsInput, deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor]:

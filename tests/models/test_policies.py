@@ -173,6 +173,32 @@ def test_discrete_and_multidiscrete_heads_apply_start_offsets():
     torch.testing.assert_close(head.entropy(logits), torch.tensor([math.log(2) + math.log(4)]))
 
 
+@pytest.mark.parametrize(
+    "space",
+    [gym.spaces.Discrete(3), gym.spaces.MultiDiscrete([2, 5, 3]), gym.spaces.Box(-1.0, 1.0, (2,), np.float32)],
+    ids=["discrete", "multidiscrete-padded", "binned-box"],
+)
+def test_categorical_head_matches_torch_distributions(space):
+    head = CategoricalHead(space, bins=4)
+    torch.manual_seed(0)
+    logits = torch.randn(64, *head.param_shape, requires_grad=True)
+    actions = head.sample(logits.detach(), deterministic=False)
+    idx = head.encode(actions)
+    masked = logits.masked_fill(~head.valid, float("-inf"))
+    ref = torch.distributions.Categorical(logits=masked)
+    ref_logp, ref_entropy = ref.log_prob(idx).sum(-1), ref.entropy().sum(-1)
+    logp, entropy = head.log_prob_and_entropy(logits, actions)
+    torch.testing.assert_close(logp, ref_logp)
+    torch.testing.assert_close(entropy, ref_entropy)
+    torch.testing.assert_close(head.log_prob(logits, actions), ref_logp)
+    torch.testing.assert_close(head.entropy(logits), ref_entropy)
+    assert bool((idx < torch.as_tensor(head.valid.sum(-1))).all()), "sampled a class the dimension lacks"
+    (g,) = torch.autograd.grad((logp + entropy).sum(), logits)
+    (ref_g,) = torch.autograd.grad((ref_logp + ref_entropy).sum(), logits)
+    torch.testing.assert_close(g, ref_g)
+    torch.testing.assert_close(head.sample(logits.detach(), deterministic=True), head.decode(ref.probs.argmax(-1)))
+
+
 def test_gaussian_head_log_prob_by_hand():
     head = GaussianHead(gym.spaces.Box(-2.0, 2.0, (1,), np.float32), init_log_std=0.0)
     mean = torch.zeros(1, 1)

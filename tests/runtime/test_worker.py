@@ -123,3 +123,26 @@ def test_calling_a_foreign_method_is_a_type_error(fresh_groups):
 def test_unknown_device_is_a_placement_error(fresh_groups):
     with pytest.raises(PlacementError, match="device 9 does not exist"):
         Probe.launch(fresh_groups, [9], "t")
+
+
+def test_started_groups_build_later_from_each_others_results(fresh_groups):
+    cluster = fresh_groups
+    first, second = Probe.start(cluster, [0], name="first"), Probe.start(cluster, [1], name="second")
+    assert "starting" in repr(second)
+    with pytest.raises(RuntimeError, match="call construct"):
+        second.wait()
+    a = first.launch("from-args")
+    tag = a.call(Probe.where).wait()[0]["tag"]  # the second group's argument comes from the first group
+    b = second.construct(f"after-{tag}").wait()
+    assert b.call(Probe.where).wait()[0]["tag"] == "after-from-args"
+    assert {g.name for g in cluster.groups} >= {"first", "second"}
+    with pytest.raises(RuntimeError, match="already called"):
+        second.construct("again")
+
+
+def test_init_failure_of_a_started_group_kills_it(fresh_groups):
+    cluster = fresh_groups
+    pending = BrokenInit.start(cluster, [0])
+    with pytest.raises(WorkerError, match="raised in __init__: RuntimeError: model path /nope"):
+        pending.launch()
+    assert pending.group not in cluster.groups
