@@ -37,6 +37,11 @@ def as_mask(name: str, value: object, like: Tensor, like_name: str) -> Tensor:
     return m if m.dtype == torch.bool else m != 0
 
 
+def optional_mask(name: str, value: object, like: Tensor, like_name: str) -> Tensor | None:
+    """``as_mask``, or ``None`` (every element valid) when ``value`` is ``None``."""
+    return None if value is None else as_mask(name, value, like, like_name)
+
+
 def same_shape(*named: tuple[str, Tensor]) -> None:
     """Raises ``ValueError`` unless all the named tensors have the shape of the first."""
     first_name, first = named[0]

@@ -25,7 +25,7 @@ AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 
 def aggregate_loss(
     losses: Tensor,
-    mask: Tensor,
+    mask: Tensor | None,
     *,
     mode: Aggregation = "token-mean",
     length_normaliser: float | None = None,
@@ -34,7 +34,7 @@ def aggregate_loss(
 
     Args:
         losses: per-token losses ``[B, T]`` (any shape for ``token-mean``).
-        mask: same shape; true (or 1) marks a token that counts.
+        mask: same shape; true (or 1) marks a token that counts; ``None``: every token counts.
         mode: ``token-mean`` (mean over all valid tokens), ``seq-mean-token-mean`` (mean within
             each sequence, then over sequences) or ``seq-mean-token-sum`` (sum within each sequence,
             then mean over sequences).
@@ -42,7 +42,7 @@ def aggregate_loss(
             constant (e.g. the maximum response length, as Dr. GRPO does).
     """
     losses = _checks.floating("losses", losses)
-    m = _checks.as_mask("mask", mask, losses, "losses")
+    m = _checks.optional_mask("mask", mask, losses, "losses")
     _checks.choice("mode", mode, AGGREGATIONS)
     if length_normaliser is not None:
         if mode != "seq-mean-token-sum":
@@ -64,4 +64,4 @@ def aggregate_loss(
         per_seq = masked_sum(losses, m, dim=1)
         if length_normaliser is not None:
             per_seq = per_seq / length_normaliser
-    return masked_mean(per_seq, m.any(dim=1))
+    return masked_mean(per_seq, None if m is None else m.any(dim=1))

@@ -23,7 +23,7 @@ def ppo_clip_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
     advantages: Tensor,
-    mask: Tensor,
+    mask: Tensor | None,
     *,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
@@ -41,7 +41,8 @@ def ppo_clip_loss(
         logprobs: ``[B, T]`` log-probs of the sampled tokens under the policy being trained.
         old_logprobs: ``[B, T]`` log-probs under the policy that sampled them.
         advantages: ``[B, T]``, or ``[B]`` (one per sequence, used for all its tokens).
-        mask: ``[B, T]``; true (or 1) marks a token that counts.
+        mask: ``[B, T]``; true (or 1) marks a token that counts. ``None``: every element counts
+            (per-sample data, e.g. ``[B]`` embodied transitions; skips the masking work).
         clip_low: the ratio is clipped below at ``1 - clip_low``; in ``[0, 1]``.
         clip_high: the ratio is clipped above at ``1 + clip_high`` (DAPO's clip-higher uses a
             larger value than ``clip_low``); at least 0.
@@ -68,7 +69,7 @@ def decoupled_ppo_loss(
     proximal_logprobs: Tensor,
     behaviour_logprobs: Tensor,
     advantages: Tensor,
-    mask: Tensor,
+    mask: Tensor | None,
     *,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
@@ -121,7 +122,7 @@ def decoupled_ppo_loss(
 
     metrics = _ratio_metrics(log_ratio, ratio, clipped, dual, m)
     metrics["behaviour_weight_mean"] = masked_mean(weight, m)
-    capped = raw_weight > weight_cap if weight_cap is not None else torch.zeros_like(m)
+    capped = raw_weight > weight_cap if weight_cap is not None else torch.zeros_like(raw_weight, dtype=torch.bool)
     metrics["behaviour_weight_capped_fraction"] = masked_mean(capped.to(weight.dtype), m)
     metrics["behaviour_kl"] = masked_mean(raw_weight - 1 - behaviour_log_ratio, m)
     return loss, metrics
@@ -131,7 +132,7 @@ def value_loss(
     values: Tensor,
     old_values: Tensor,
     returns: Tensor,
-    mask: Tensor,
+    mask: Tensor | None,
     *,
     clip: float | None = 0.2,
     aggregation: Aggregation = "token-mean",
@@ -143,7 +144,7 @@ def value_loss(
         values: ``[B, T]`` (or embodied ``[T, N]``) predictions of the critic being trained.
         old_values: same shape, the critic's predictions when the data was collected.
         returns: same shape, the value targets (e.g. from ``gae`` or ``token_gae``).
-        mask: same shape; true (or 1) marks an element that counts.
+        mask: same shape; true (or 1) marks an element that counts; ``None``: every element counts.
         clip: ``c``, how far a prediction may move from ``old_values`` before its gradient stops
             (in reward units, at least 0); ``None`` gives the plain squared error.
         aggregation: how per-token losses become a scalar (see ``aggregate_loss``).
@@ -157,7 +158,7 @@ def value_loss(
     old_values = _checks.floating("old_values", old_values)
     returns = _checks.floating("returns", returns)
     _checks.same_shape(("values", values), ("old_values", old_values), ("returns", returns))
-    m = _checks.as_mask("mask", mask, values, "values")
+    m = _checks.optional_mask("mask", mask, values, "values")
     values = zero_invalid(values, m)
     old_values, returns = zero_invalid(old_values.detach(), m), zero_invalid(returns.detach(), m)
 
@@ -279,8 +280,8 @@ def _token_inputs(
     policy: tuple[str, Tensor],
     old: tuple[str, Tensor] | None,
     advantages: Tensor,
-    mask: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Checks and cleans per-token inputs; returns ``(logprobs, old_logprobs, advantages, mask)``.
 
     Invalid positions are zeroed (padding log-probs may be ``-inf``), ``old`` and ``advantages``
@@ -288,7 +289,7 @@ def _token_inputs(
     """
     name, logprobs = policy
     logprobs = _checks.floating(name, logprobs)
-    m = _checks.as_mask("mask", mask, logprobs, name)
+    m = _checks.optional_mask("mask", mask, logprobs, name)
     advantages = _checks.floating("advantages", advantages).detach()
     if advantages.dim() == 1 and logprobs.dim() == 2 and advantages.shape[0] == logprobs.shape[0]:
         advantages = advantages.unsqueeze(1).expand_as(logprobs)
@@ -329,7 +330,9 @@ def _clipped_surrogate(
     return torch.where(dual, bound, loss), ratio, clipped, dual
 
 
-def _ratio_metrics(log_ratio: Tensor, ratio: Tensor, clipped: Tensor, dual: Tensor, m: Tensor) -> dict[str, Tensor]:
+def _ratio_metrics(
+    log_ratio: Tensor, ratio: Tensor, clipped: Tensor, dual: Tensor, m: Tensor | None
+) -> dict[str, Tensor]:
     with torch.no_grad():
         log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         return {

@@ -370,6 +370,23 @@ class _Batch:
     def __len__(self) -> int:
         return int(self.logprobs.shape[0])
 
+    def split(self, parts: int) -> list[_Batch]:
+        """``parts`` contiguous minibatches (views), as ``Tensor.chunk`` cuts them."""
+
+        def cut(t: Tensor) -> tuple[Tensor, ...]:
+            return t.chunk(parts)
+
+        obs = (
+            [dict(zip(self.obs, rows, strict=True)) for rows in zip(*(cut(v) for v in self.obs.values()), strict=True)]
+            if isinstance(self.obs, dict)
+            else list(cut(self.obs))
+        )
+        returns = [None] * len(obs) if self.returns is None else list(cut(self.returns))
+        columns = zip(
+            obs, cut(self.actions), cut(self.logprobs), cut(self.values), cut(self.advantages), returns, strict=True
+        )
+        return [_Batch(*c) for c in columns]
+
 
 def _select(x: Tensor, mask: Tensor) -> Tensor:
     """``[T, n, ...]`` -> ``[B, ...]``, the rows where ``mask [T, n]`` holds."""
@@ -406,6 +423,18 @@ def _rows(obs: Tensor | dict[str, Tensor], idx: Tensor) -> Tensor | dict[str, Te
     if isinstance(obs, dict):
         return {k: v[idx] for k, v in obs.items()}
     return obs[idx]
+
+
+def _shuffled(batch: _Batch, order: Tensor) -> _Batch:
+    """``batch`` with its rows in ``order``."""
+    return _Batch(
+        obs=_rows(batch.obs, order),
+        actions=batch.actions[order],
+        logprobs=batch.logprobs[order],
+        values=batch.values[order],
+        advantages=batch.advantages[order],
+        returns=None if batch.returns is None else batch.returns[order],
+    )
 
 
 class EmbodiedActorWorker(Worker):
@@ -485,48 +514,43 @@ class EmbodiedActorWorker(Worker):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         train_value = cfg.vf_coef > 0 and batch.returns is not None
-        sums = {"pg_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clip_fraction": 0.0}
-        norms: list[float] = []
+        names = ("pg_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "grad_norm")
+        stats: list[Tensor] = []  # one row of `names` per minibatch, read once at the end
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        ones = torch.ones((n, 1), dtype=torch.bool, device=self.device)
-        count = 0
+        no_value = torch.zeros((), device=self.device)
         for _ in range(cfg.epochs):
-            order = torch.randperm(n, generator=self.generator).to(self.device)
-            for idx in order.chunk(cfg.minibatches):
-                logp, entropy, values = self.policy.evaluate(_rows(batch.obs, idx), batch.actions[idx])
-                adv = batch.advantages[idx]
-                if cfg.normalize_advantages and len(idx) > 1:
+            # one shuffle of the whole batch per epoch; the minibatches are then contiguous slices
+            shuffled = _shuffled(batch, torch.randperm(n, generator=self.generator).to(self.device))
+            for mb in shuffled.split(cfg.minibatches):
+                logp, entropy, values = self.policy.evaluate(mb.obs, mb.actions)
+                adv = mb.advantages
+                if cfg.normalize_advantages and len(mb) > 1:
                     adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-                mask = ones[: len(idx)]
-                pg, pm = ppo_clip_loss(
-                    logp[:, None], batch.logprobs[idx, None], adv[:, None], mask, clip_low=cfg.clip, clip_high=cfg.clip
-                )
-                loss = pg - cfg.ent_coef * entropy.mean()
-                vl = torch.zeros(())
-                if train_value and batch.returns is not None:
-                    vl, _ = value_loss(
-                        values[:, None], batch.values[idx, None], batch.returns[idx, None], mask, clip=cfg.value_clip
-                    )
+                pg, pm = ppo_clip_loss(logp, mb.logprobs, adv, None, clip_low=cfg.clip, clip_high=cfg.clip)
+                entropy_mean = entropy.mean()
+                loss = pg - cfg.ent_coef * entropy_mean
+                vl = no_value
+                if train_value and mb.returns is not None:
+                    vl, _ = value_loss(values, mb.values, mb.returns, None, clip=cfg.value_clip)
                     loss = loss + cfg.vf_coef * vl
                 self.optimizer.zero_grad(set_to_none=False)
                 loss.backward()
-                norms.append(self._step(params))
-                count += 1
-                sums["pg_loss"] += float(pg.detach())
-                sums["value_loss"] += float(vl.detach())
-                sums["entropy"] += float(entropy.detach().mean())
-                sums["approx_kl"] += float(pm["approx_kl"])
-                sums["clip_fraction"] += float(pm["clip_fraction"])
+                norm = self._step(params)
+                stats.append(
+                    torch.stack(
+                        [pg.detach(), vl.detach(), entropy_mean.detach(), pm["approx_kl"], pm["clip_fraction"], norm]
+                    )
+                )
         self.version += 1
-        out = {f"actor/{k}": v / count for k, v in sums.items()}
-        out["actor/grad_norm"] = float(np.mean(norms))
+        means = torch.stack(stats).float().mean(0).tolist()
+        out = {f"actor/{k}": v for k, v in zip(names, means, strict=True)}
         out["actor/lr"] = lr
         if batch.returns is not None:
             var = float(batch.returns.var())
             out["actor/explained_variance"] = 1.0 - float((batch.returns - batch.values).var()) / max(var, 1e-8)
         return out
 
-    def _step(self, params: list[nn.Parameter]) -> float:
+    def _step(self, params: list[nn.Parameter]) -> Tensor:
         """Averages gradients over actor ranks, clips them and steps the optimizer; returns the norm before clipping."""
         if self.world_size > 1:
             import torch.distributed as dist
@@ -541,11 +565,11 @@ class EmbodiedActorWorker(Worker):
                 p.grad = flat[offset : offset + k].view_as(p).clone()
                 offset += k
         if self.cfg.max_grad_norm > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         else:
-            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
         self.optimizer.step()
-        return norm
+        return norm.detach()
 
     # ---- weight sync -----------------------------------------------------------------------------
 

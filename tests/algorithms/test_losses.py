@@ -300,3 +300,24 @@ def test_preference_losses_reject_bad_inputs():
         ipo_loss(chosen, torch.zeros(2), ref_c, ref_r)
     with pytest.raises(ValueError, match="must be 1-D"):
         dpo_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1))
+
+
+def test_no_mask_matches_an_all_valid_mask():
+    torch.manual_seed(0)
+    logprobs = torch.randn(16, requires_grad=True)
+    old, adv = torch.randn(16), torch.randn(16)
+    values, old_values, returns = torch.randn(16, requires_grad=True), torch.randn(16), torch.randn(16)
+    ones = torch.ones(16, dtype=torch.bool)
+    for fn, args, kwargs in [
+        (ppo_clip_loss, (logprobs, old, adv), {"dual_clip": 3.0}),
+        (decoupled_ppo_loss, (logprobs, old, old + 0.1, adv), {"weight_cap": None}),
+        (value_loss, (values, old_values, returns), {"clip": 0.2}),
+    ]:
+        loss, metrics = fn(*args, None, **kwargs)
+        ref_loss, ref_metrics = fn(*args, ones, **kwargs)
+        torch.testing.assert_close(loss, ref_loss)
+        assert metrics.keys() == ref_metrics.keys()
+        for k in metrics:
+            torch.testing.assert_close(metrics[k], ref_metrics[k])
+        inputs = [t for t in args if t.requires_grad]
+        torch.testing.assert_close(torch.autograd.grad(loss, inputs), torch.autograd.grad(ref_loss, inputs))

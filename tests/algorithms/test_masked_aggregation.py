@@ -102,3 +102,17 @@ def test_aggregation_rejects_bad_arguments():
         aggregate_loss(LOSSES, MASK, mode="seq-mean-token-sum", length_normaliser=0)
     with pytest.raises(ValueError, match=r"must be 2-D \[B, T\]"):
         aggregate_loss(torch.zeros(3), torch.ones(3), mode="seq-mean-token-mean")
+
+
+def test_no_mask_means_every_element_counts():
+    x = torch.tensor([[1.0, 2.0, 6.0], [3.0, -4.0, 0.5]])
+    ones = torch.ones_like(x, dtype=torch.bool)
+    for dim in (None, 0, 1):
+        torch.testing.assert_close(masked_mean(x, None, dim=dim), masked_mean(x, ones, dim=dim))
+        torch.testing.assert_close(masked_sum(x, None, dim=dim), masked_sum(x, ones, dim=dim))
+    for unbiased in (False, True):
+        torch.testing.assert_close(masked_var(x, None, unbiased=unbiased), masked_var(x, ones, unbiased=unbiased))
+    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+        torch.testing.assert_close(aggregate_loss(x, None, mode=mode), aggregate_loss(x, ones, mode=mode))
+    close(masked_mean(torch.zeros(0), None), 0.0)  # nothing to average gives 0, as with a mask
+    close(masked_var(torch.tensor([2.0]), None), 0.0)
