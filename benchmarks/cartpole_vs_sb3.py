@@ -2,20 +2,23 @@
 
 For each seed, in alternation on the same machine:
 
-    rlinf   ``rlinf.workflows.embodied_ppo`` with examples/embodied_ppo_cartpole.yaml (envs on CPU slot 0,
-            policy and actor on slot 1, two stages), stopping once the mean return of the latest 32
-            episodes reaches 475
-    sb3     stable-baselines3 PPO with the RL Zoo's tuned CartPole-v1 hyperparameters (8 envs, n_steps 32,
-            batch 256, 20 epochs, gamma 0.98, GAE lambda 0.8, linear lr 1e-3 and clip 0.2, 1e5 steps),
-            stopping on the same criterion (its episode buffer, latest 32 episodes), in this process
-            with one torch thread (faster than the default for this small MLP)
+    rlinf   ``rlinf.workflows.embodied_ppo`` with examples/embodied_ppo_cartpole.yaml (envs and policy on
+            CPU slot 0, the actor on slot 1, the next rollout collected while the actor trains),
+            stopping once the mean return of the latest 32 episodes reaches 475
+    sb3     stable-baselines3 PPO, stopping on the same criterion (its episode buffer, latest 32
+            episodes), in this process with one torch thread (faster than the default for this small
+            MLP), with each of two settings (``--sb3``):
+              zoo    the RL Zoo's tuned CartPole-v1 hyperparameters (8 envs, n_steps 32, batch 256,
+                     20 epochs, gamma 0.98, GAE lambda 0.8, linear lr 1e-3 and clip 0.2, 1e5 steps)
+              rlinf  the rlinf example's (64 envs, n_steps 32, batch 512, 6 epochs, constant clip 0.2,
+                     the same gamma, lambda and lr decaying over 307,200 steps)
 
 rlinf's time is reported twice: the training loop alone (from its first rollout) and the whole
 ``main`` call (launching the three workers, training, the final checkpoint and the trace). Starting
 the embedded Ray itself happens once per process and is reported on its own line. Medians over seeds.
 
     pip install -e '.[bench]'        # stable-baselines3
-    python benchmarks/cartpole_vs_sb3.py [--seeds 0,1,2] [--json out.json]
+    python benchmarks/cartpole_vs_sb3.py [--seeds 0,1,2] [--sb3 zoo,rlinf] [--json out.json]
 """
 
 from __future__ import annotations
@@ -60,7 +63,15 @@ def run_rlinf(cluster: Any, seed: int, overrides: list[str]) -> dict[str, float]
     }
 
 
-def run_sb3(seed: int) -> dict[str, float]:
+# stable-baselines3 PPO settings: the RL Zoo's tuned ones for CartPole-v1, and rlinf's example's
+# (64 envs x 32 steps, 6 epochs of 4 minibatches of 512, constant clip, lr decaying over 150 rollouts)
+SB3_SETTINGS: dict[str, dict[str, Any]] = {
+    "zoo": {"n_envs": 8, "n_steps": 32, "batch_size": 256, "n_epochs": 20, "clip_decay": True, "timesteps": 100_000},
+    "rlinf": {"n_envs": 64, "n_steps": 32, "batch_size": 512, "n_epochs": 6, "clip_decay": False, "timesteps": 307_200},
+}
+
+
+def run_sb3(seed: int, settings: str = "zoo") -> dict[str, float]:
     import numpy as np
     import torch
     from stable_baselines3 import PPO
@@ -84,29 +95,30 @@ def run_sb3(seed: int) -> dict[str, float]:
                     return False
             return True
 
+    s = SB3_SETTINGS[settings]
     # One torch thread, as each rlinf worker uses: with a 64x64 MLP more threads only add
     # synchronisation (on a busy 2-core machine SB3 ran several times slower with the default of 2).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    env = make_vec_env("CartPole-v1", n_envs=8, seed=seed)
+    env = make_vec_env("CartPole-v1", n_envs=s["n_envs"], seed=seed)
     model = PPO(
         "MlpPolicy",
         env,
-        n_steps=32,
-        batch_size=256,
+        n_steps=s["n_steps"],
+        batch_size=s["batch_size"],
         gae_lambda=0.8,
         gamma=0.98,
-        n_epochs=20,
+        n_epochs=s["n_epochs"],
         ent_coef=0.0,
         learning_rate=linear(1e-3),
-        clip_range=linear(0.2),
+        clip_range=linear(0.2) if s["clip_decay"] else 0.2,
         seed=seed,
         verbose=0,
         device="cpu",
     )
     stop = StopAtTarget()
-    model.learn(total_timesteps=100_000, callback=stop)
+    model.learn(total_timesteps=s["timesteps"], callback=stop)
     elapsed = time.perf_counter() - start
     torch.set_num_threads(threads)
     buf = [ep["r"] for ep in list(model.ep_info_buffer or [])[-WINDOW:]]
@@ -121,48 +133,62 @@ def run_sb3(seed: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--sb3", default="zoo,rlinf", help=f"SB3 settings to run, of {sorted(SB3_SETTINGS)}")
     parser.add_argument("--json", default=None)
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the rlinf example config")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    settings = [s for s in args.sb3.split(",") if s]
+    unknown = [s for s in settings if s not in SB3_SETTINGS]
+    if unknown:
+        parser.error(f"--sb3 {unknown[0]!r} is not one of {sorted(SB3_SETTINGS)}")
 
     from rlinf import Cluster
 
     start = time.perf_counter()
     cluster = Cluster()
     ray_s = time.perf_counter() - start
-    rows: list[tuple[int, dict[str, float], dict[str, float]]] = []
+    rows: list[tuple[int, dict[str, float], dict[str, dict[str, float]]]] = []
     try:
         for seed in seeds:
             ours = run_rlinf(cluster, seed, args.overrides)
-            theirs = run_sb3(seed)
+            theirs = {name: run_sb3(seed, name) for name in settings}
             rows.append((seed, ours, theirs))
             print(f"seed {seed}: rlinf {ours}  sb3 {theirs}", flush=True)
     finally:
         cluster.shutdown()
 
-    def med(side: int, key: str) -> float:
-        return statistics.median((r[1] if side == 1 else r[2])[key] for r in rows)
+    def med(values: list[float]) -> float:
+        return statistics.median(values)
 
     print(f"\nCartPole-v1 PPO, wall time to a mean return >= {TARGET:.0f} over the latest {WINDOW} episodes")
     print(f"(embedded Ray start, once per process: {ray_s:.1f} s, not counted below)\n")
-    head = ("seed", "rlinf train s", "rlinf total s", "rlinf steps", "sb3 s", "sb3 steps")
-    print(f"{head[0]:>4}  {head[1]:>13}  {head[2]:>13}  {head[3]:>11}  {head[4]:>7}  {head[5]:>9}")
+    head = ["seed", "rlinf train s", "rlinf total s", "rlinf steps"]
+    for name in settings:
+        head += [f"sb3 {name} s", f"sb3 {name} steps"]
+    print("  ".join(f"{h:>14}" for h in head))
     for seed, ours, theirs in rows:
-        flag = "" if ours["reached"] and theirs["reached"] else "  (target not reached by one side)"
+        cells = [f"{seed}", f"{ours['train_s']:.1f}", f"{ours['total_s']:.1f}", f"{ours['env_steps']:.0f}"]
+        for name in settings:
+            cells += [f"{theirs[name]['total_s']:.1f}", f"{theirs[name]['env_steps']:.0f}"]
+        reached = ours["reached"] and all(t["reached"] for t in theirs.values())
+        print("  ".join(f"{c:>14}" for c in cells) + ("" if reached else "  (target not reached by one side)"))
+    ours_train = med([r[1]["train_s"] for r in rows])
+    ours_total = med([r[1]["total_s"] for r in rows])
+    cells = ["median", f"{ours_train:.1f}", f"{ours_total:.1f}", f"{med([r[1]['env_steps'] for r in rows]):.0f}"]
+    sb3 = {name: med([r[2][name]["total_s"] for r in rows]) for name in settings}
+    for name in settings:
+        cells += [f"{sb3[name]:.1f}", f"{med([r[2][name]['env_steps'] for r in rows]):.0f}"]
+    print("  ".join(f"{c:>14}" for c in cells))
+    for name in settings:
         print(
-            f"{seed:>4}  {ours['train_s']:>13.1f}  {ours['total_s']:>13.1f}  {ours['env_steps']:>11.0f}  "
-            f"{theirs['total_s']:>7.1f}  {theirs['env_steps']:>9.0f}{flag}"
+            f"\nrlinf / sb3 ({name} settings) wall time: training loop {ours_train / sb3[name]:.2f}x, "
+            f"whole run {ours_total / sb3[name]:.2f}x"
         )
-    ours_train, ours_total, sb3 = med(1, "train_s"), med(1, "total_s"), med(2, "total_s")
-    print(
-        f"{'med':>4}  {ours_train:>13.1f}  {ours_total:>13.1f}  {med(1, 'env_steps'):>11.0f}  {sb3:>7.1f}  "
-        f"{med(2, 'env_steps'):>9.0f}"
-    )
-    print(f"\nrlinf / sb3 wall time: training loop {ours_train / sb3:.2f}x, whole run {ours_total / sb3:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"ray_start_s": ray_s, "runs": [{"seed": s, "rlinf": o, "sb3": t} for s, o, t in rows]}, f)
+            runs = [{"seed": s, "rlinf": o, "sb3": t} for s, o, t in rows]
+            json.dump({"ray_start_s": ray_s, "runs": runs}, f)
 
 
 if __name__ == "__main__":
