@@ -13,15 +13,20 @@ table prints both costs, measured alone in this process. Rows:
 
     CartPole-v1        2048 envs, MLP sized so that acting on one stage's 1024 observations costs
                        about what stepping 1024 envs does (a large-batch policy on a cheap simulator)
-    PushCube-v1 state  16 CPU-physics envs, MLP of 3 layers sized the same way (millions of
-                       parameters: the scale of a small action model rather than of a 64x64 MLP)
+    PushCube-v1 state  64 CPU-physics envs, MLP of 3 layers sized the same way (tens of millions
+                       of parameters: the scale of a small action model rather than of a 64x64 MLP);
+                       one stage's act is on 32 observations, enough rows for the MLP to be bound by
+                       arithmetic rather than by reading its weights
+    PushCube-v1 state  (``pushcube16``, not in the default list) the same with 16 envs: acting on 8
+                       observations reads the whole weight matrix for little arithmetic, so half the
+                       observations cost well over half the time and two stages hide less
     PushCube-v1 state  8 envs, 64x64 MLP: the policy costs next to nothing beside the physics
 
 The policy width is chosen at start-up from a ladder of widths (the widest whose act on one stage
 still fits in one stage's simulation), because the two costs shift differently with the machine and
 its load.
 
-    python benchmarks/env_pipeline.py [--repeats 3] [--steps 40] [--tasks cartpole,pushcube,pushcube_small]
+    python benchmarks/env_pipeline.py [--repeats 3] [--steps 40] [--tasks cartpole,pushcube,pushcube16,pushcube_small]
 """
 
 from __future__ import annotations
@@ -61,7 +66,8 @@ class Task:
 
 TASKS = {
     "cartpole": Task("CartPole-v1", EnvConfig(kind="gym", id="CartPole-v1", num_envs=2048), PolicyConfig(), 2),
-    "pushcube": Task("PushCube-v1 state", replace(PUSHCUBE, num_envs=16), PolicyConfig(), 3, steps_scale=0.5),
+    "pushcube": Task("PushCube-v1 state", replace(PUSHCUBE, num_envs=128), PolicyConfig(), 3, steps_scale=0.25),
+    "pushcube16": Task("PushCube-v1 state", replace(PUSHCUBE, num_envs=16), PolicyConfig(), 3, steps_scale=0.5),
     "pushcube_small": Task("PushCube-v1 state", PUSHCUBE, PolicyConfig(hidden_sizes=(64, 64)), 0, steps_scale=0.5),
 }
 
