@@ -22,7 +22,7 @@ demo-pipeline: setup
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy rlinf scheduler
+	$(PY) -m mypy rlinf scheduler workflows envs
 
 test: lint
 	$(PY) -m pytest tests -q

@@ -17,7 +17,7 @@ from rlinf.channel import Channel
 from rlinf.cluster import Cluster
 from rlinf.envs.math_task import MathProblem, MathTaskConfig, format_prompt
 from rlinf.errors import ConfigError
-from rlinf.group import Handle, WorkerGroup
+from rlinf.group import Handle, PendingGroup, WorkerGroup
 from rlinf.metrics import merge_rank_metrics
 from rlinf.placement import Placement
 from rlinf.workers.actor import ActorWorker
@@ -82,17 +82,22 @@ def launch_workers(
     inference: InferenceConfig | None = None,
 ) -> Workers:
     dtype, temperature = model.dtype, rollout.temperature
-    # every group's processes start and build side by side; then each is waited for
-    building = {
-        "rollout": RolloutWorker.start(cluster, place, name="rollout").construct(rollout, model_dir, dtype),
-        "reward": RewardWorker.start(cluster, place, name="reward").construct(verifier, reward),
-        "actor": ActorWorker.start(cluster, place, name="actor").construct(actor, model_dir, temperature, dtype),
+    # Every group's processes start side by side. The rollout engine is built first and alone: vLLM
+    # sizes its KV cache from the device memory it finds free, which a model loading beside it on the
+    # same GPU would change under it; the other groups are then built side by side.
+    pending: dict[str, PendingGroup[Any]] = {
+        "rollout": RolloutWorker.start(cluster, place, name="rollout"),
+        "reward": RewardWorker.start(cluster, place, name="reward"),
+        "actor": ActorWorker.start(cluster, place, name="actor"),
     }
     if actor.kl_coef > 0:
-        building["inference"] = InferenceWorker.start(cluster, place, name="inference").construct(
-            model_dir, temperature, dtype, inference
-        )
-    groups = {name: pending.wait() for name, pending in building.items()}
+        pending["inference"] = InferenceWorker.start(cluster, place, name="inference")
+    groups: dict[str, WorkerGroup[Any]] = {"rollout": pending["rollout"].launch(rollout, model_dir, dtype)}
+    pending["reward"].construct(verifier, reward)
+    pending["actor"].construct(actor, model_dir, temperature, dtype)
+    if "inference" in pending:
+        pending["inference"].construct(model_dir, temperature, dtype, inference)
+    groups.update({name: p.wait() for name, p in pending.items() if name != "rollout"})
     return Workers(
         rollout=groups["rollout"], reward=groups["reward"], actor=groups["actor"], inference=groups.get("inference")
     )

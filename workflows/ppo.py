@@ -119,13 +119,11 @@ def main(
         splits = make_splits(cfg.task)
         place = Placement.from_config(cfg.placement, len(cluster.devices), cfg.components)
         verify = verifier or math_verifier(cfg.task)
-        building_critic = CriticWorker.start(cluster, place, name="critic").construct(
-            cfg.critic, model_dir, cfg.model.dtype
-        )
+        pending_critic = CriticWorker.start(cluster, place, name="critic")  # its process starts beside the others
         w = launch_workers(
             cluster, place, cfg.model, cfg.rollout, cfg.actor, model_dir, verify, cfg.reward, cfg.inference
         )
-        critic = building_critic.wait()
+        critic = pending_critic.launch(cfg.critic, model_dir, cfg.model.dtype)
         tag = run_dir.name
         prompts, samples, valued = Channel(f"{tag}/prompts", 0), Channel(f"{tag}/samples"), Channel(f"{tag}/valued")
         to_critic = Channel(f"{tag}/to-critic")
