@@ -184,6 +184,7 @@ class PendingGroup(Generic[W]):
     def __init__(self, cluster: Cluster, group: WorkerGroup[W], lock: Any) -> None:
         self.cluster, self.group, self._lock = cluster, group, lock
         self._building: Handle[dict[str, Any]] | None = None
+        self._ready = False
 
     @property
     def name(self) -> str:
@@ -203,7 +204,7 @@ class PendingGroup(Generic[W]):
         if self._building is None:
             raise RuntimeError(f"{self.name}: call construct(*args) before wait().")
         group, hosts = self.group, self.group.hosts
-        if self._building._results is not None:
+        if self._ready:
             return group
         try:
             group.info = self._building.wait()
@@ -220,6 +221,7 @@ class PendingGroup(Generic[W]):
             if group in self.cluster.groups:
                 self.cluster.groups.remove(group)
             raise
+        self._ready = True
         return group
 
     def launch(self, *args: Any) -> WorkerGroup[W]:

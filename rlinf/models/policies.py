@@ -374,8 +374,7 @@ class CategoricalHead(nn.Module):
 
     def log_prob(self, logits: Tensor, actions: Tensor) -> Tensor:
         """Log-probability ``[B]`` of ``actions``, summed over dimensions."""
-        logp = self._log_softmax(logits)
-        return logp.gather(-1, self.encode(actions)[..., None]).squeeze(-1).sum(-1)
+        return self._taken(self._log_softmax(logits), actions)
 
     def entropy(self, logits: Tensor) -> Tensor:
         """Entropy ``[B]``, summed over dimensions."""
@@ -384,8 +383,11 @@ class CategoricalHead(nn.Module):
     def log_prob_and_entropy(self, logits: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
         """``(log_prob(logits, actions), entropy(logits))`` with one softmax (the training step's hot path)."""
         logp = self._log_softmax(logits)
-        taken = logp.gather(-1, self.encode(actions)[..., None]).squeeze(-1).sum(-1)
-        return taken, _categorical_entropy(logp)
+        return self._taken(logp, actions), _categorical_entropy(logp)
+
+    def _taken(self, logp: Tensor, actions: Tensor) -> Tensor:
+        """The log-probabilities ``[B, D, K]`` of ``actions``' classes, summed over dimensions: ``[B]``."""
+        return logp.gather(-1, self.encode(actions)[..., None]).squeeze(-1).sum(-1)
 
 
 def _categorical_entropy(logp: Tensor) -> Tensor:
