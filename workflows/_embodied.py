@@ -25,7 +25,8 @@ class Rollouts:
 
     Args:
         env: the env worker group.
-        rollout: the policy rollout group.
+        rollout: the policy rollout group; None when the env ranks act with their own copies of the
+            policy (``rollout.inline``, ``EnvWorker.attach_policy``).
         out: the channel the trajectories go to.
         horizon: policy steps per env and rollout.
         ahead: ``run.rollout_ahead`` (0 or 1).
@@ -36,7 +37,7 @@ class Rollouts:
     def __init__(
         self,
         env: WorkerGroup[EnvWorker],
-        rollout: WorkerGroup[PolicyRolloutWorker],
+        rollout: WorkerGroup[PolicyRolloutWorker] | None,
         out: Channel,
         horizon: int,
         ahead: int,
@@ -46,29 +47,37 @@ class Rollouts:
         self.env, self.rollout, self.out, self.horizon = env, rollout, out, horizon
         self.ahead, self.steps, self.interact_kwargs = ahead, steps, interact_kwargs
         self.env_inboxes = env.call(EnvWorker.inbox).wait()
-        self.policy_inboxes = rollout.call(PolicyRolloutWorker.inbox).wait()
-        self._running: tuple[int, Handle[dict[str, float]], Handle[dict[str, float]]] | None = None
+        self.policy_inboxes = rollout.call(PolicyRolloutWorker.inbox).wait() if rollout is not None else None
+        self._running: tuple[int, list[Handle[dict[str, float]]]] | None = None
+
+    @property
+    def acting(self) -> WorkerGroup[PolicyRolloutWorker] | WorkerGroup[EnvWorker]:
+        """The group whose ranks hold the acting policy: where the actor publishes its weights."""
+        return self.rollout if self.rollout is not None else self.env
 
     def start(self, k: int) -> None:
         """Starts rollout ``k`` (nothing past ``steps``, nothing while another one runs)."""
         if k > self.steps or self._running is not None:
             return
         need = max(k - 1 - self.ahead, 0)
-        serving = self.rollout.call(PolicyRolloutWorker.serve, self.env_inboxes, need)
-        acting = self.env.call(
-            EnvWorker.interact, self.policy_inboxes, self.out, self.horizon, **self.interact_kwargs(k)
-        )
-        self._running = (k, serving, acting)
+        kwargs = self.interact_kwargs(k)
+        if self.rollout is None:
+            handles = [self.env.call(EnvWorker.interact, None, self.out, self.horizon, need_version=need, **kwargs)]
+        else:
+            handles = [
+                self.rollout.call(PolicyRolloutWorker.serve, self.env_inboxes, need),
+                self.env.call(EnvWorker.interact, self.policy_inboxes, self.out, self.horizon, **kwargs),
+            ]
+        self._running = (k, handles)
 
     def collect(self, k: int) -> dict[str, float]:
         """Waits for rollout ``k`` to end and returns its env and policy metrics; with ``ahead=1``
         starts rollout k+1 right away."""
         if self._running is None or self._running[0] != k:
             raise RuntimeError(f"rollout {k} was not started (running: {self._running and self._running[0]}).")
-        _, serving, acting = self._running
-        served, acted = wait_all([serving, acting])
-        env_metrics = merge_env_metrics(acted)
-        metrics = {**merge_rank_metrics(served), **env_metrics}
+        results = wait_all(self._running[1])
+        env_metrics = merge_env_metrics(results[-1])
+        metrics = {**merge_rank_metrics(results[0]), **env_metrics} if len(results) > 1 else env_metrics
         metrics["env/steps_per_s"] = env_metrics["env/steps"] / env_metrics["time/env_rollout"]
         self._running = None
         if self.ahead:
@@ -83,5 +92,5 @@ class Rollouts:
     def close(self) -> None:
         """Waits for a rollout still running (started ahead of a step the run did not reach)."""
         if self._running is not None:
-            wait_all(self._running[1:])
+            wait_all(self._running[1])
             self._running = None

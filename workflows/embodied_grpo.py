@@ -57,6 +57,7 @@ class EmbodiedGRPOConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
 
     def __post_init__(self) -> None:
+        self.rollout.check_placement(self.placement)
         if self.env.group_size < 2:
             raise ConfigError(
                 f"env.group_size={self.env.group_size}: GRPO normalises returns within a group of envs that "
@@ -65,7 +66,7 @@ class EmbodiedGRPOConfig:
 
     @property
     def components(self) -> tuple[str, ...]:
-        return ("env", "rollout", "actor")
+        return self.rollout.components
 
 
 def main(
@@ -86,14 +87,16 @@ def main(
         stage_size(cfg.env, place["env"].world_size, cfg.rollout.stages)  # a bad split fails before any launch
         # every group's processes start at once; the policy's and the actor's are built with the env's spaces
         pending_env = EnvWorker.start(cluster, place, name="env")
-        pending_rollout = PolicyRolloutWorker.start(cluster, place, name="rollout")
+        pending_rollout = None if cfg.rollout.inline else PolicyRolloutWorker.start(cluster, place, name="rollout")
         pending_actor = EmbodiedActorWorker.start(cluster, place, name="actor")
         env = pending_env.launch(cfg.env, cfg.rollout.stages, cfg.run.return_window)
         spaces = env.on(0).call(EnvWorker.spaces).wait()[0]
         make_policy = functools.partial(build_policy, cfg.policy)
-        rollout_built = pending_rollout.construct(make_policy, *spaces, cfg.actor.seed)
+        rollout_built = pending_rollout.construct(make_policy, *spaces, cfg.actor.seed) if pending_rollout else None
+        if rollout_built is None:  # rollout.inline: each env rank acts with its own copy of the policy
+            env.call(EnvWorker.attach_policy, make_policy, cfg.actor.seed).wait()
         actor = pending_actor.launch(cfg.actor, make_policy, *spaces, cfg.run.steps)
-        rollout = rollout_built.wait()
+        rollout = rollout_built.wait() if rollout_built is not None else None
         trajectories = Channel(f"{run_dir.name}/trajectories-{time.time_ns()}")
         rollouts = Rollouts(
             env,
@@ -110,7 +113,7 @@ def main(
 
         with MetricsWriter(run_dir, cfg.run.steps, show_progress) as log:
             log.write(f"{log.note}\n{place}" if log.note else str(place))
-            actor.call(EmbodiedActorWorker.publish_weights, rollout).wait()  # version 0
+            actor.call(EmbodiedActorWorker.publish_weights, rollouts.acting).wait()  # version 0
             rollouts.start(1)
             for step in range(1, cfg.run.steps + 1):
                 t0 = time.perf_counter()
@@ -119,7 +122,7 @@ def main(
                 training = actor.call(EmbodiedActorWorker.train, trajectories, num_items, group_trajectory_advantages)
                 collected = rollouts.collect(step)
                 trained = merge_rank_metrics(training.wait())
-                sync = merge_rank_metrics(actor.call(EmbodiedActorWorker.publish_weights, rollout).wait())
+                sync = merge_rank_metrics(actor.call(EmbodiedActorWorker.publish_weights, rollouts.acting).wait())
                 last = {**collected, **trained, **sync}
                 last["time/step"] = time.perf_counter() - t0
                 last["time/run"] = time.perf_counter() - start

@@ -19,16 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from rlinf.algorithms import gae, group_advantage, ppo_clip_loss, value_loss
 from rlinf.channel import Channel, Item
 from rlinf.errors import ConfigError
+from rlinf.placement import PlacementConfig
 from rlinf.trace import tracer
 from rlinf.worker import Worker
-from rlinf.workers.env import ActionReply, EndOfRollout, ObsRequest, Trajectory
+from rlinf.workers.env import ActionReply, EndOfRollout, EnvWorker, ObsRequest, Trajectory, answer_request
 from rlinf.workers.rollout import rank_share
 from rlinf.workers.weights import (
     clear_published,
@@ -65,10 +65,15 @@ class EmbodiedRolloutConfig:
         horizon: policy steps per env in one rollout (``T``); a rollout is ``num_envs * horizon`` steps.
         stages: sub-batches per env rank (``S``); 2 overlaps simulation of one half with inference on the
             other when env and rollout are on different devices, 1 is the synchronous loop.
+        inline: each env rank acts with its own copy of the policy instead of policy rollout workers
+            (the workflow then has no ``rollout`` component). Two processes taking turns on one device
+            hand over twice per step; for a cheap simulator and a small policy (CartPole and an MLP)
+            those hand-overs cost more than the step itself. Needs ``stages: 1``: nothing overlaps.
     """
 
     horizon: int = 128
     stages: int = 2
+    inline: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.horizon, int) or self.horizon < 1:
@@ -76,6 +81,25 @@ class EmbodiedRolloutConfig:
         if not isinstance(self.stages, int) or self.stages < 1:
             raise ConfigError(
                 f"rollout.stages={self.stages!r} must be an integer >= 1; use 2 to overlap env and policy."
+            )
+        if self.inline and self.stages != 1:
+            raise ConfigError(
+                f"rollout.inline=true acts in the env process, where stages cannot overlap with the policy; "
+                f"set rollout.stages=1 (or rollout.inline=false to pipeline {self.stages} stages)."
+            )
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The workflow's components: no ``rollout`` when the env ranks act themselves."""
+        return ("env", "actor") if self.inline else ("env", "rollout", "actor")
+
+    def check_placement(self, placement: PlacementConfig) -> None:
+        """Raises ConfigError when ``placement`` places a rollout component that ``inline`` does not have."""
+        if self.inline and "rollout" in placement.components:
+            raise ConfigError(
+                "rollout.inline=true: each env rank acts with its own copy of the policy, on the env's devices, so "
+                "there is no rollout component to place; remove placement.components.rollout (or set "
+                "rollout.inline=false)."
             )
 
 
@@ -269,21 +293,9 @@ class PolicyRolloutWorker(Worker):
             "time/rollout": time.perf_counter() - start,
         }
 
-    @torch.no_grad()
     def answer(self, req: ObsRequest) -> ActionReply:
         """Actions, log-probs and values for one request (and values of its bootstrap observations)."""
-        actions, logprobs, values = self.policy.act(req.obs, deterministic=req.deterministic)
-        boot = np.zeros(0, dtype=np.float32)
-        if req.bootstrap_obs is not None:
-            boot = self.policy.value(req.bootstrap_obs).float().cpu().numpy()
-        return ActionReply(
-            req.stage,
-            actions.cpu().numpy(),
-            logprobs.float().cpu().numpy(),
-            values.float().cpu().numpy(),
-            boot,
-            self.version,
-        )
+        return answer_request(self.policy, req, self.version)
 
     def offload(self) -> None:
         if self.device.type == "cuda":
@@ -573,13 +585,16 @@ class EmbodiedActorWorker(Worker):
 
     # ---- weight sync -----------------------------------------------------------------------------
 
-    def push_weights(self, to: WorkerGroup[PolicyRolloutWorker]) -> dict[str, float]:
-        """Sends the current weights to every rank of ``to`` (from rank 0), tagged with the version."""
-        return self._hand_over(lambda state: send_state(to, PolicyRolloutWorker.load_weights, state, self.version))
+    def push_weights(self, to: WorkerGroup[PolicyRolloutWorker] | WorkerGroup[EnvWorker]) -> dict[str, float]:
+        """Sends the current weights to every rank of ``to`` (from rank 0), tagged with the version:
+        policy rollout ranks, or env ranks that act themselves (``EnvWorker.attach_policy``)."""
+        load = EnvWorker.load_weights if to.cls is EnvWorker else PolicyRolloutWorker.load_weights
+        return self._hand_over(lambda state: send_state(to, load, state, self.version))
 
-    def publish_weights(self, to: WorkerGroup[PolicyRolloutWorker]) -> dict[str, float]:
+    def publish_weights(self, to: WorkerGroup[PolicyRolloutWorker] | WorkerGroup[EnvWorker]) -> dict[str, float]:
         """Puts the current weights, tagged with the version, into each rank of ``to``'s weights channel
-        (from rank 0) and returns at once; ``PolicyRolloutWorker.serve(need_version=...)`` loads them."""
+        (from rank 0) and returns at once; ``PolicyRolloutWorker.serve(need_version=...)`` (or
+        ``EnvWorker.interact(None, ..., need_version=...)`` for env ranks acting themselves) loads them."""
         return self._hand_over(lambda state: publish_state(to, state, self.version))
 
     def _hand_over(self, deliver: Callable[[dict[str, Tensor]], None]) -> dict[str, float]:

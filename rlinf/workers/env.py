@@ -15,6 +15,11 @@ one device ``S = 1`` is the synchronous loop. Staging does not change what happe
 holds the global envs ``[s * n, (s + 1) * n)`` of its rank with the same seeds, so with
 deterministic actions the trajectories equal those of one unstaged ``VectorEnv``.
 
+With ``rollout.inline`` the env rank acts itself with its own copy of the policy
+(``EnvWorker.attach_policy``) instead of sending requests: the same requests and replies, without the
+two hand-overs between processes per step. That pays when both are cheap and share one device
+(CartPole with a small MLP), where a hand-over costs more than the step it carries; nothing overlaps then.
+
 The observations sent after the last step get values (the bootstrap of the last step) and actions
 that are not used: the next rollout asks again, under the weights it then has. Truncated episodes
 (time limits) are bootstrapped from the value of their final observation, which travels with the
@@ -38,8 +43,10 @@ from torch import Tensor
 from rlinf.channel import Channel
 from rlinf.envs import AutoReset, EnvConfig, Obs, VectorEnv, make_env
 from rlinf.errors import ConfigError
+from rlinf.metrics import merge_rank_metrics
 from rlinf.trace import tracer
 from rlinf.worker import Worker
+from rlinf.workers.weights import clear_published, load_state_inplace, newest_state, rank_weights_channel, receive_state
 
 EnvFactory = Callable[[EnvConfig], VectorEnv]
 """Builds one stage's ``VectorEnv`` from the env section (with ``num_envs`` set to the stage's size)."""
@@ -136,6 +143,23 @@ class Trajectory:
     @property
     def num_envs(self) -> int:
         return int(self.rewards.shape[1])
+
+
+@torch.no_grad()
+def answer_request(policy: Any, req: ObsRequest, version: int) -> ActionReply:
+    """The policy's actions, log-probs and values for one request (and values of its bootstrap observations)."""
+    actions, logprobs, values = policy.act(req.obs, deterministic=req.deterministic)
+    boot = np.zeros(0, dtype=np.float32)
+    if req.bootstrap_obs is not None:
+        boot = policy.value(req.bootstrap_obs).float().cpu().numpy()
+    return ActionReply(
+        req.stage,
+        actions.cpu().numpy(),
+        logprobs.float().cpu().numpy(),
+        values.float().cpu().numpy(),
+        boot,
+        version,
+    )
 
 
 def take_rows(obs: Obs, rows: np.ndarray) -> Obs:
@@ -248,6 +272,9 @@ class EnvWorker(Worker):
         self._recent: deque[float] = deque(maxlen=return_window)
         self._recent_success: deque[bool] = deque(maxlen=return_window)
         self._inbox = Channel(f"{self.group_name}:{self.rank}/actions/{uuid.uuid4().hex[:12]}", host="here")
+        self._policy: Any = None  # set by attach_policy (rollout.inline)
+        self._version = 0
+        self._loaded = False
 
     # ---- queries -----------------------------------------------------------------------------------
 
@@ -264,6 +291,56 @@ class EnvWorker(Worker):
         start = self.first + stage * self.per_stage
         return np.arange(start, start + self.per_stage)
 
+    # ---- acting in this process (rollout.inline) -----------------------------------------------------
+
+    def attach_policy(self, make_policy: Callable[[Any, Any], Any], seed: int = 0) -> None:
+        """Builds this rank's own copy of the policy, so ``interact(None, ...)`` acts here instead of
+        asking policy rollout ranks. Weights arrive as for a ``PolicyRolloutWorker``: published to this
+        group (``EmbodiedActorWorker.publish_weights``) or pushed (``load_weights``).
+
+        Args:
+            make_policy: ``(observation_space, action_space) -> policy`` (the actor's factory).
+            seed: sampling randomness (each rank adds its own offset, as policy rollout ranks do).
+        """
+        torch.manual_seed(seed + 1_000_003 * (self.rank + 1))
+        self._policy = make_policy(*self.spaces()).to(self.device)
+        self._policy.eval()
+        self._version, self._loaded = 0, False
+        clear_published(self.group_name, self.rank)  # a previous run's env group had this name
+
+    def load_weights(self, state: dict[str, Tensor] | Channel, version: int) -> None:
+        """Copies ``state`` into the attached policy and tags later actions with ``version``."""
+        policy = self._attached("load_weights")
+        state = receive_state(state, version)
+        with self.device_lock():
+            load_state_inplace(policy, state)
+        self._version, self._loaded = version, True
+
+    def _attached(self, what: str) -> Any:
+        if self._policy is None:
+            raise RuntimeError(
+                f"EnvWorker.{what}: env rank {self.rank} has no policy of its own; call "
+                f"EnvWorker.attach_policy first (rollout.inline), or pass the policy rollout ranks' inboxes."
+            )
+        return self._policy
+
+    def _pull_weights(self, need_version: int) -> float:
+        """Loads the newest published weights, waiting for ``need_version``; returns the seconds it took."""
+        start = time.perf_counter()
+        have = self._version if self._loaded else -1
+        state, version = newest_state(rank_weights_channel(self.group_name, self.rank), have, need_version)
+        if state is not None:
+            self.load_weights(state, version)
+        return time.perf_counter() - start
+
+    def offload(self) -> None:
+        if self._policy is not None and self.device.type == "cuda":
+            self._policy.to("cpu")
+
+    def onload(self) -> None:
+        if self._policy is not None and self.device.type == "cuda":
+            self._policy.to(self.device)
+
     # ---- rollouts ----------------------------------------------------------------------------------
 
     def reset(self, round: int = 0) -> None:
@@ -278,36 +355,79 @@ class EnvWorker(Worker):
 
     def interact(
         self,
-        policy: Sequence[Channel],
+        policy: Sequence[Channel] | None,
         out: Channel | None,
         steps: int,
         *,
         reset_round: int | None = None,
         first_episode_only: bool = False,
         deterministic: bool = False,
+        need_version: int | None = None,
     ) -> dict[str, float]:
         """Runs ``steps`` steps of every stage against the policy and puts one ``Trajectory`` per stage.
 
         Args:
             policy: the policy rollout ranks' inboxes; this rank talks to ``policy[rank % len(policy)]``.
+                None acts with this rank's own policy (``attach_policy``).
             out: where trajectories go (None: only episode metrics, e.g. for evaluation).
             steps: ``T``, policy steps per env (fewer with ``first_episode_only`` once every episode ended).
             reset_round: reset every env with this round's seeds first (the first call resets with round 0).
             first_episode_only: mask out everything after each env's first episode, report only first
                 episodes, and stop early when every env has finished one (GRPO rollouts from reset groups).
             deterministic: act with the policy's mode.
+            need_version: with an own policy, first load the newest weights published to this group,
+                waiting until they are at least this version (as ``PolicyRolloutWorker.serve`` does).
 
         Returns:
-            ``env/*`` episode metrics and ``time/env*`` timings (combine ranks with ``merge_env_metrics``).
+            ``env/*`` episode metrics and ``time/env*`` timings (combine ranks with ``merge_env_metrics``);
+            with an own policy also the ``rollout/*`` and ``time/rollout*`` metrics ``serve`` would return.
         """
         if steps < 1:
             raise ValueError(f"EnvWorker.interact: steps={steps} must be >= 1.")
-        if not policy:
+        if policy is not None and not policy:
             raise ValueError("EnvWorker.interact: pass the policy rollout ranks' inboxes (PolicyRolloutWorker.inbox).")
+        if policy is None:
+            self._attached("interact")
+            weights_s = self._pull_weights(need_version) if need_version is not None else 0.0
+            with self.device_lock():
+                metrics = self._interact(None, out, steps, reset_round, first_episode_only, deterministic)
+            metrics["time/rollout_weights"] = weights_s
+            metrics["time/rollout"] = metrics["time/env_rollout"] + weights_s
+            return metrics
+        target = policy[self.rank % len(policy)]
+        return self._interact(target, out, steps, reset_round, first_episode_only, deterministic)
+
+    def _interact(
+        self,
+        target: Channel | None,
+        out: Channel | None,
+        steps: int,
+        reset_round: int | None,
+        first_episode_only: bool,
+        deterministic: bool,
+    ) -> dict[str, float]:
+        """``interact`` against the policy rollout rank whose inbox is ``target``, or (None) the own policy."""
         if reset_round is not None or not self._obs:
             self.reset(reset_round or 0)
-        target = policy[self.rank % len(policy)]
         start = time.perf_counter()
+        tr = tracer()
+        replies: deque[ActionReply] = deque()
+        act_s = 0.0
+
+        def send(req: ObsRequest) -> None:  # the own policy answers at once; its reply waits in `replies`
+            nonlocal act_s
+            if target is not None:
+                target.put(req)
+                return
+            t0 = time.time()
+            replies.append(answer_request(self._policy, req, self._version))
+            t1 = time.time()
+            tr.add(f"act stage {req.stage}", "compute", t0, t1)
+            act_s += t1 - t0
+
+        def receive(stage: int) -> ActionReply:
+            return self._receive(stage) if target is not None else replies.popleft()
+
         n, S = self.per_stage, len(self.envs)
         bufs = [_StageBuffer(n) for _ in range(S)]
         alive = [np.ones(n, dtype=bool) for _ in range(S)]
@@ -316,14 +436,13 @@ class EnvWorker(Worker):
         lengths: list[float] = []
         successes: list[bool] = []
         step_s = wait_s = 0.0
-        tr = tracer()
         for s in range(S):
-            target.put(ObsRequest(self.rank, s, self._obs[s], None, deterministic))
+            send(ObsRequest(self.rank, s, self._obs[s], None, deterministic))
         ran = 0
         for t in range(steps):
             for s, env in enumerate(self.envs):
                 t0 = time.time()
-                reply = self._receive(s)
+                reply = receive(s)
                 t1 = time.time()
                 buf = bufs[s]
                 rows_waiting = boot_rows[s]
@@ -366,18 +485,19 @@ class EnvWorker(Worker):
                     if rows.size:
                         boot = take_rows(result.info["final_obs"], rows)
                 self._obs[s] = result.obs
-                target.put(ObsRequest(self.rank, s, result.obs, boot, deterministic))
+                send(ObsRequest(self.rank, s, result.obs, boot, deterministic))
             ran = t + 1
             if first_episode_only and not any(a.any() for a in alive):
                 break
         finals = []
         for s in range(S):
-            reply = self._receive(s)
+            reply = receive(s)
             rows_waiting = boot_rows[s]
             if rows_waiting is not None:
                 bufs[s].bootstrap.append((ran - 1, rows_waiting, reply.bootstrap_values))
             finals.append(reply.values)
-        target.put(EndOfRollout(self.rank))
+        if target is not None:
+            target.put(EndOfRollout(self.rank))
         if out is not None:
             groups = self.cfg.reset_groups.group_ids
             for s, buf in enumerate(bufs):
@@ -397,6 +517,10 @@ class EnvWorker(Worker):
             "time/env_wait": wait_s,
             "time/env_rollout": total,
         }
+        if target is None:  # what PolicyRolloutWorker.serve reports, for the one policy acting here
+            metrics["rollout/samples"] = float(n * S * (ran + 1))
+            metrics["rollout/version"] = float(self._version)
+            metrics["time/rollout_compute"] = act_s
         if successes:
             metrics["env/success_rate"] = float(np.mean(successes))
         if self._recent_success:
@@ -426,8 +550,11 @@ class EnvWorker(Worker):
 
 def merge_env_metrics(results: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """Combines env ranks' ``interact`` metrics: counts add, means are weighted by their episodes,
-    ``time/*`` take the slowest rank."""
-    out: dict[str, float] = {}
+    ``time/*`` take the slowest rank; the ``rollout/*`` metrics of ranks acting themselves combine as
+    ``merge_rank_metrics`` combines policy rollout ranks'."""
+    out: dict[str, float] = merge_rank_metrics(
+        [{k: v for k, v in r.items() if k.startswith("rollout/")} for r in results]
+    )
     episodes = sum(r.get("env/episodes", 0.0) for r in results)
     window = sum(r.get("env/window_episodes", 0.0) for r in results)
     for key in ("env/episodes", "env/steps", "env/window_episodes"):

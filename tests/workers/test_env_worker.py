@@ -1,4 +1,5 @@
 """EnvWorker: stages and ranks give the trajectories of one unstaged loop (checked against a reference loop),
+and so do env ranks acting with their own copy of the policy,
 simulation really overlaps inference with two stages, GRPO rollouts keep first episodes of reset groups,
 next-step auto-reset steps are masked, and bad splits are refused with a fix."""
 
@@ -18,6 +19,7 @@ from rlinf.errors import ConfigError, WorkerError
 from rlinf.models.policies import PolicyConfig, build_policy
 from rlinf.workers.embodied import PolicyRolloutWorker
 from rlinf.workers.env import EnvWorker, Trajectory, merge_env_metrics, stage_size
+from rlinf.workers.weights import publish_state
 
 POLICY = PolicyConfig(kind="mlp", hidden_sizes=(16, 16))
 
@@ -117,23 +119,52 @@ def test_stages_and_ranks_give_the_reference_trajectories(fresh_groups, rollout)
         env = EnvWorker.launch(fresh_groups, devices, CFG, stages, name="env-ref")
         out = Channel(f"envtest/ref-{len(devices)}-{stages}")
         metrics = run_rollout(env, rollout, out, steps, stages, deterministic=True)
-        trajs = collect(out, len(devices) * stages)
-        assert [t.num_envs for t in trajs] == [8 // (len(devices) * stages)] * len(trajs)
-        assert all(t.version == 7 for t in trajs)
-        assert torch.equal(joined(trajs, "obs"), ref["obs"])
-        assert torch.equal(joined(trajs, "actions"), ref["actions"])
-        assert torch.equal(joined(trajs, "rewards"), ref["rewards"])
-        assert torch.equal(joined(trajs, "terminated"), ref["terminated"])
-        assert torch.equal(joined(trajs, "truncated"), ref["truncated"])
-        assert joined(trajs, "mask").all()
-        torch.testing.assert_close(joined(trajs, "values"), ref["values"], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(joined(trajs, "next_values"), ref["next_values"], atol=1e-5, rtol=1e-5)
-        merged = merge_env_metrics(metrics)
-        assert merged["env/episodes"] == len(ref["returns"])
-        assert merged["env/return_mean"] == pytest.approx(np.mean(ref["returns"]))
-        assert merged["env/steps"] == steps * CFG.num_envs
+        check_reference(collect(out, len(devices) * stages), ref, metrics, steps, version=7)
         env.kill()
         fresh_groups.groups.remove(env)
+
+
+def check_reference(trajs: list[Trajectory], ref: dict[str, Any], metrics: list, steps: int, version: int) -> None:
+    assert [t.num_envs for t in trajs] == [CFG.num_envs // len(trajs)] * len(trajs)
+    assert all(t.version == version for t in trajs)
+    assert torch.equal(joined(trajs, "obs"), ref["obs"])
+    assert torch.equal(joined(trajs, "actions"), ref["actions"])
+    assert torch.equal(joined(trajs, "rewards"), ref["rewards"])
+    assert torch.equal(joined(trajs, "terminated"), ref["terminated"])
+    assert torch.equal(joined(trajs, "truncated"), ref["truncated"])
+    assert joined(trajs, "mask").all()
+    torch.testing.assert_close(joined(trajs, "values"), ref["values"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(joined(trajs, "next_values"), ref["next_values"], atol=1e-5, rtol=1e-5)
+    merged = merge_env_metrics(metrics)
+    assert merged["env/episodes"] == len(ref["returns"])
+    assert merged["env/return_mean"] == pytest.approx(np.mean(ref["returns"]))
+    assert merged["env/steps"] == steps * CFG.num_envs
+
+
+def test_env_ranks_acting_themselves_give_the_reference_trajectories(fresh_groups):
+    """rollout.inline: two env ranks, each with its own copy of the policy, no policy rollout workers."""
+    steps = 40
+    ref = reference_rollout(CFG, steps)
+    env = EnvWorker.launch(fresh_groups, [0, 1], CFG, 1, name="env-inline")
+    with pytest.raises(WorkerError, match=r"no policy of its own; call EnvWorker\.attach_policy"):
+        env.call(EnvWorker.interact, None, None, 2).wait()
+    env.call(EnvWorker.attach_policy, make_policy).wait()
+    env.call(EnvWorker.load_weights, reference_weights(), 7).wait()  # pushed weights
+    out = Channel("envtest/inline")
+    metrics = env.call(EnvWorker.interact, None, out, steps, deterministic=True).wait()
+    check_reference(collect(out, 2), ref, metrics, steps, version=7)
+    merged = merge_env_metrics(metrics)
+    assert merged["rollout/samples"] == (steps + 1) * CFG.num_envs  # the bootstrap request after the last step too
+    assert merged["rollout/version"] == 7 and merged["time/rollout_compute"] > 0
+
+    # Published weights are loaded before the rollout, once they are at least the version it needs.
+    publish_state(env, reference_weights(seed=4), 9)
+    metrics = env.call(EnvWorker.interact, None, out, 3, reset_round=0, need_version=9).wait()
+    trajs = collect(out, 2)
+    assert all(t.version == 9 for t in trajs)
+    assert merge_env_metrics(metrics)["rollout/version"] == 9
+    env.kill()
+    fresh_groups.groups.remove(env)
 
 
 class SlowEnv:

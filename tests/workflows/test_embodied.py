@@ -56,7 +56,8 @@ def check_run_dir(run_dir: Path, cfg_cls: type, steps: int) -> list[dict[str, An
         assert r["rollout/version"] == max(r["step"] - 1 - cfg.run.rollout_ahead, 0)
         assert r["env/steps"] > 0 and r["actor/samples"] > 0 and r["time/step"] > 0
     names = track_names(run_dir)
-    assert {"env", "rollout", "actor"} <= {n.split(" ")[0].split("-")[0] for n in names}
+    assert set(cfg.components) <= {n.split(" ")[0].split("-")[0] for n in names}
+    assert ("rollout" in cfg.components) == any(n.startswith("rollout") for n in names)
     assert (run_dir / "checkpoints" / "final" / "actor.pt").is_file()
     return recs
 
@@ -89,6 +90,15 @@ def test_collocated_placement_runs_two_ranks_of_everything(fresh_groups, tmp_pat
     assert {"env rank 1", "rollout rank 1", "actor rank 1"} <= names
 
 
+def test_ppo_with_a_policy_rollout_worker_beside_the_envs(fresh_groups, tmp_path):
+    """The CartPole example acts in the env ranks (rollout.inline); the same run with the policy in a
+    rollout worker of its own on the env's slot ping-pongs through channels and trains on the same steps."""
+    extra = ["rollout.inline=false", "placement.components.rollout.devices=0"]
+    assert run_cli("embodied_ppo", "embodied_ppo_cartpole.yaml", tmp_path / "run", extra) == 0
+    recs = check_run_dir(tmp_path / "run", EmbodiedPPOConfig, 2)
+    assert all(r["actor/samples"] == r["env/steps"] == r["rollout/samples"] - 4 for r in recs)
+
+
 def test_disaggregated_placement(fresh_groups, tmp_path):
     if len(fresh_groups.devices) < 3:
         pytest.skip(
@@ -96,9 +106,8 @@ def test_disaggregated_placement(fresh_groups, tmp_path):
             f"{len(fresh_groups.devices)}"
         )
     placement = [f"placement.components.{c}.devices={i}" for i, c in enumerate(("env", "rollout", "actor"))]
-    code = run_cli(
-        "embodied_ppo", "embodied_ppo_cartpole.yaml", tmp_path / "run", ["placement.mode=disaggregated", *placement]
-    )
+    extra = ["placement.mode=disaggregated", "rollout.inline=false", *placement]
+    code = run_cli("embodied_ppo", "embodied_ppo_cartpole.yaml", tmp_path / "run", extra)
     assert code == 0
     check_run_dir(tmp_path / "run", EmbodiedPPOConfig, 2)
 
@@ -107,13 +116,19 @@ def test_bad_configs_are_refused_with_a_hint(cluster, capsys):
     example = str(EXAMPLES / "embodied_ppo_cartpole.yaml")
     assert cli.main(["run", "embodied_ppo", example, "rollout.stagse=2"]) == 2
     assert "did you mean 'rollout.stages'" in capsys.readouterr().err.lower()
-    assert cli.main(["run", "embodied_ppo", example, "env.num_envs=6", "rollout.stages=4"]) == 2
+    uneven = ["env.num_envs=6", "rollout.stages=4", "rollout.inline=false", "placement.components.rollout.devices=0"]
+    assert cli.main(["run", "embodied_ppo", example, *uneven]) == 2
     assert "try env.num_envs=4" in capsys.readouterr().err.lower()
     grpo = str(EXAMPLES / "embodied_grpo_cartpole.yaml")
     assert cli.main(["run", "embodied_grpo", grpo, "env.group_size=1"]) == 2
     assert "at least 2" in capsys.readouterr().err
     assert cli.main(["run", "embodied_ppo", example, "run.rollout_ahead=2"]) == 2
     assert "use 0 (on-policy) or 1" in capsys.readouterr().err
+    # the example acts in the env ranks (rollout.inline): no stages to overlap, no rollout to place
+    assert cli.main(["run", "embodied_ppo", example, "rollout.stages=2"]) == 2
+    assert "set rollout.stages=1" in capsys.readouterr().err
+    assert cli.main(["run", "embodied_ppo", example, "placement.components.rollout.devices=1"]) == 2
+    assert "remove placement.components.rollout" in capsys.readouterr().err
 
 
 def test_ppo_one_rollout_ahead_collects_the_next_rollout_while_this_one_trains(fresh_groups, tmp_path):
