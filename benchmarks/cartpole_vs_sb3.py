@@ -2,8 +2,9 @@
 
 For each seed, in alternation on the same machine:
 
-    rlinf   ``rlinf.workflows.embodied_ppo`` with examples/embodied_ppo_cartpole.yaml (envs and policy on
-            CPU slot 0, the actor on slot 1, the next rollout collected while the actor trains),
+    rlinf   ``rlinf.workflows.embodied_ppo`` with examples/embodied_ppo_cartpole.yaml (envs on CPU slot
+            0, acting with their own copy of the policy; the actor on slot 1; the next rollout
+            collected while the actor trains),
             stopping once the mean return of the latest 32 episodes reaches 475
     sb3     stable-baselines3 PPO, stopping on the same criterion (its episode buffer, latest 32
             episodes), in this process with one torch thread (faster than the default for this small
@@ -14,7 +15,7 @@ For each seed, in alternation on the same machine:
                      the same gamma, lambda and lr decaying over 307,200 steps)
 
 rlinf's time is reported twice: the training loop alone (from its first rollout) and the whole
-``main`` call (launching the three workers, training, the final checkpoint and the trace). Starting
+``main`` call (launching the worker groups, training, the final checkpoint and the trace). Starting
 the embedded Ray itself happens once per process and is reported on its own line. Medians over seeds.
 
     pip install -e '.[bench]'        # stable-baselines3

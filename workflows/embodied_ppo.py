@@ -5,7 +5,8 @@ How this differs from PPO as in the paper (Schulman et al., 2017) and its common
 - Simulation and inference are separate workers: each env rank's envs are cut into
   ``rollout.stages`` sub-batches that take turns with the policy, so with two stages one half is
   simulated while the policy acts on the other (``rlinf.workers.env``). The trajectories are the
-  same as with one batch.
+  same as with one batch. With ``rollout.inline`` each env rank acts with its own copy of the
+  policy instead (for cheap simulators and small policies, where hand-overs cost more than steps).
 - Truncated episodes (time limits) are bootstrapped from the value of their final observation;
   terminated ones are not.
 - Advantages are whitened per minibatch; the value loss is unclipped by default
