@@ -13,20 +13,22 @@ table prints both costs, measured alone in this process. Rows:
 
     CartPole-v1        2048 envs, MLP sized so that acting on one stage's 1024 observations costs
                        about what stepping 1024 envs does (a large-batch policy on a cheap simulator)
-    PushCube-v1 state  64 CPU-physics envs, MLP of 3 layers sized the same way (tens of millions
+    PushCube-v1 state  128 CPU-physics envs, MLP of 3 layers sized the same way (tens of millions
                        of parameters: the scale of a small action model rather than of a 64x64 MLP);
-                       one stage's act is on 32 observations, enough rows for the MLP to be bound by
-                       arithmetic rather than by reading its weights
-    PushCube-v1 state  (``pushcube16``, not in the default list) the same with 16 envs: acting on 8
-                       observations reads the whole weight matrix for little arithmetic, so half the
-                       observations cost well over half the time and two stages hide less
+                       one stage's act is on 64 observations, enough rows for the arithmetic to
+                       outweigh reading the weights
+    PushCube-v1 state  (``pushcube256`` and ``pushcube16``, not in the default list) the same with 256
+                       and 16 envs: the fewer rows a stage's act has, the more of its time goes to
+                       reading the whole weight matrices, so half the observations cost more than half
+                       the time and two stages hide less (256 envs take minutes to create)
     PushCube-v1 state  8 envs, 64x64 MLP: the policy costs next to nothing beside the physics
 
 The policy width is chosen at start-up from a ladder of widths (the widest whose act on one stage
 still fits in one stage's simulation), because the two costs shift differently with the machine and
 its load.
 
-    python benchmarks/env_pipeline.py [--repeats 3] [--steps 40] [--tasks cartpole,pushcube,pushcube16,pushcube_small]
+    python benchmarks/env_pipeline.py [--repeats 3] [--steps 40]
+        [--tasks cartpole,pushcube,pushcube256,pushcube16,pushcube_small]
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ from rlinf.models.policies import PolicyConfig, build_policy
 from rlinf.workers.embodied import PolicyRolloutWorker
 from rlinf.workers.env import EnvWorker, merge_env_metrics
 
-WIDTHS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 2560, 3072, 3328, 3584, 3840, 4096, 4608, 5120)
+# ~10% apart (multiples of 32): the width picked leaves a stage's act within ~20% of a stage's simulation
+WIDTHS = tuple(sorted({round(64 * 1.1**k / 32) * 32 for k in range(49)}))  # 64 .. 6208
 PUSHCUBE = EnvConfig(
     kind="maniskill", id="PushCube-v1", num_envs=8, control_mode="pd_ee_delta_pos", vectorization="loop"
 )
@@ -67,6 +70,7 @@ class Task:
 TASKS = {
     "cartpole": Task("CartPole-v1", EnvConfig(kind="gym", id="CartPole-v1", num_envs=2048), PolicyConfig(), 2),
     "pushcube": Task("PushCube-v1 state", replace(PUSHCUBE, num_envs=128), PolicyConfig(), 3, steps_scale=0.25),
+    "pushcube256": Task("PushCube-v1 state", replace(PUSHCUBE, num_envs=256), PolicyConfig(), 3, steps_scale=0.2),
     "pushcube16": Task("PushCube-v1 state", replace(PUSHCUBE, num_envs=16), PolicyConfig(), 3, steps_scale=0.5),
     "pushcube_small": Task("PushCube-v1 state", PUSHCUBE, PolicyConfig(hidden_sizes=(64, 64)), 0, steps_scale=0.5),
 }

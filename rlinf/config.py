@@ -167,7 +167,9 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}.")
         val_tp = args[1] if len(args) == 2 else Any
-        return {str(k): _coerce(val_tp, v, f"{path}.{k}") for k, v in value.items()}
+        # a null section drops its entry, so `placement.components.rollout=null` removes one from the command line
+        drop_null = dataclasses.is_dataclass(val_tp)
+        return {str(k): _coerce(val_tp, v, f"{path}.{k}") for k, v in value.items() if not (drop_null and v is None)}
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -98,8 +98,8 @@ class EmbodiedRolloutConfig:
         if self.inline and "rollout" in placement.components:
             raise ConfigError(
                 "rollout.inline=true: each env rank acts with its own copy of the policy, on the env's devices, so "
-                "there is no rollout component to place; remove placement.components.rollout (or set "
-                "rollout.inline=false)."
+                "there is no rollout component to place; remove placement.components.rollout "
+                "(placement.components.rollout=null on the command line), or set rollout.inline=false."
             )
 
 

@@ -59,3 +59,16 @@ def test_bad_values():
         parse_overrides(["actor.lr"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(RunCfg, "/nonexistent.yaml")
+
+
+@dataclass(frozen=True)
+class PlacedCfg:
+    components: dict[str, ActorCfg] = field(default_factory=dict)
+
+
+def test_a_null_section_removes_its_entry_from_a_mapping(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("components:\n  env: {lr: 1.0}\n  rollout: {lr: 2.0}\n")
+    assert set(load_config(PlacedCfg, y).components) == {"env", "rollout"}
+    cfg = load_config(PlacedCfg, y, ["components.rollout=null"])
+    assert cfg.components == {"env": ActorCfg(lr=1.0)}

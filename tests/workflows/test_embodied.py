@@ -99,6 +99,15 @@ def test_ppo_with_a_policy_rollout_worker_beside_the_envs(fresh_groups, tmp_path
     assert all(r["actor/samples"] == r["env/steps"] == r["rollout/samples"] - 4 for r in recs)
 
 
+def test_grpo_acting_in_the_env_ranks(fresh_groups, tmp_path):
+    """GRPO with rollout.inline switched on from the command line (the example places a rollout worker)."""
+    extra = ["rollout.inline=true", "rollout.stages=1", "placement.components.rollout=null"]
+    assert run_cli("embodied_grpo", "embodied_grpo_cartpole.yaml", tmp_path / "run", extra) == 0
+    recs = check_run_dir(tmp_path / "run", EmbodiedGRPOConfig, 2)
+    assert all(0 < r["actor/samples"] <= r["env/steps"] for r in recs)  # first episodes only
+    assert all(r["rollout/samples"] >= r["env/steps"] for r in recs)
+
+
 def test_disaggregated_placement(fresh_groups, tmp_path):
     if len(fresh_groups.devices) < 3:
         pytest.skip(
