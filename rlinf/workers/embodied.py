@@ -28,16 +28,12 @@ from rlinf.errors import ConfigError
 from rlinf.placement import PlacementConfig
 from rlinf.trace import tracer
 from rlinf.worker import Worker
-from rlinf.workers.env import ActionReply, EndOfRollout, EnvWorker, ObsRequest, Trajectory, answer_request
+from rlinf.workers.env import ActingPolicy, ActionReply, EndOfRollout, EnvWorker, ObsRequest, Trajectory
 from rlinf.workers.rollout import rank_share
 from rlinf.workers.weights import (
-    clear_published,
     export_state,
-    load_state_inplace,
     move_training_state,
-    newest_state,
     publish_state,
-    rank_weights_channel,
     receive_state,
     send_state,
 )
@@ -229,12 +225,8 @@ class PolicyRolloutWorker(Worker):
     """
 
     def __init__(self, make_policy: PolicyFactory, observation_space: Any, action_space: Any, seed: int = 0) -> None:
-        torch.manual_seed(seed + 1_000_003 * (self.rank + 1))
-        self.policy: Any = make_policy(observation_space, action_space).to(self.device)
-        self.policy.eval()
-        self.version = 0
-        self._loaded = False  # until the actor's weights arrive, version 0 is this rank's own initialisation
-        clear_published(self.group_name, self.rank)  # a previous run's rollout group had this name
+        spaces = (observation_space, action_space)
+        self.acting = ActingPolicy(make_policy, spaces, self.device, self.group_name, self.rank, seed)
         self._inbox = Channel(f"{self.group_name}:{self.rank}/obs/{uuid.uuid4().hex[:12]}", host="here")
 
     def inbox(self) -> Channel:
@@ -246,9 +238,7 @@ class PolicyRolloutWorker(Worker):
         tags later actions with ``version``."""
         state = receive_state(state, version)
         with self.device_lock():
-            load_state_inplace(self.policy, state)
-        self.version = version
-        self._loaded = True
+            self.acting.load(state, version)
 
     def serve(self, envs: Sequence[Channel], need_version: int | None = None) -> dict[str, float]:
         """Answers requests until every env rank this rank serves (``e % world_size == rank``) has ended its rollout.
@@ -264,8 +254,7 @@ class PolicyRolloutWorker(Worker):
         busy = 0.0
         start = time.perf_counter()
         if need_version is not None:
-            have = self.version if self._loaded else -1
-            state, version = newest_state(rank_weights_channel(self.group_name, self.rank), have, need_version)
+            state, version = self.acting.newest(need_version)
             if state is not None:
                 self.load_weights(state, version)
         weights_s = time.perf_counter() - start
@@ -283,11 +272,11 @@ class PolicyRolloutWorker(Worker):
                 t1 = time.time()
                 tr.add(f"act stage {req.stage}", "compute", t0, t1)
                 busy += t1 - t0
-                envs[req.env_rank].put(reply, version=self.version)
+                envs[req.env_rank].put(reply, version=reply.version)
                 answered += len(reply.values)
         return {
             "rollout/samples": float(answered),
-            "rollout/version": float(self.version),
+            "rollout/version": float(self.acting.version),
             "time/rollout_compute": busy,
             "time/rollout_weights": weights_s,
             "time/rollout": time.perf_counter() - start,
@@ -295,15 +284,15 @@ class PolicyRolloutWorker(Worker):
 
     def answer(self, req: ObsRequest) -> ActionReply:
         """Actions, log-probs and values for one request (and values of its bootstrap observations)."""
-        return answer_request(self.policy, req, self.version)
+        return self.acting.answer(req)
 
     def offload(self) -> None:
         if self.device.type == "cuda":
-            self.policy.to("cpu")
+            self.acting.policy.to("cpu")
 
     def onload(self) -> None:
         if self.device.type == "cuda":
-            self.policy.to(self.device)
+            self.acting.policy.to(self.device)
 
 
 # ---- advantages ---------------------------------------------------------------------------------------

@@ -145,21 +145,60 @@ class Trajectory:
         return int(self.rewards.shape[1])
 
 
-@torch.no_grad()
-def answer_request(policy: Any, req: ObsRequest, version: int) -> ActionReply:
-    """The policy's actions, log-probs and values for one request (and values of its bootstrap observations)."""
-    actions, logprobs, values = policy.act(req.obs, deterministic=req.deterministic)
-    boot = np.zeros(0, dtype=np.float32)
-    if req.bootstrap_obs is not None:
-        boot = policy.value(req.bootstrap_obs).float().cpu().numpy()
-    return ActionReply(
-        req.stage,
-        actions.cpu().numpy(),
-        logprobs.float().cpu().numpy(),
-        values.float().cpu().numpy(),
-        boot,
-        version,
-    )
+class ActingPolicy:
+    """One rank's copy of the policy that answers ``ObsRequest`` items, tagged with the version of the
+    weights it holds: a ``PolicyRolloutWorker`` rank holds one, and so does an env rank acting itself.
+
+    Args:
+        make_policy: ``(observation_space, action_space) -> policy``.
+        spaces: ``(observation_space, action_space)`` of one env.
+        device: where the policy computes.
+        group_name: the holding worker group's name; published weights arrive on its ranks' channels.
+        rank: the holding rank (sampling randomness is ``seed`` plus a per-rank offset).
+        seed: sampling randomness.
+    """
+
+    def __init__(
+        self,
+        make_policy: Callable[[Any, Any], Any],
+        spaces: tuple[Any, Any],
+        device: torch.device,
+        group_name: str,
+        rank: int,
+        seed: int = 0,
+    ) -> None:
+        torch.manual_seed(seed + 1_000_003 * (rank + 1))
+        self.policy: Any = make_policy(*spaces).to(device)
+        self.policy.eval()
+        self.version = 0
+        self.loaded = False  # until the actor's weights arrive, version 0 is this rank's own initialisation
+        self._weights = rank_weights_channel(group_name, rank)
+        clear_published(group_name, rank)  # a previous run's group of this name left weights behind
+
+    def load(self, state: dict[str, Tensor], version: int) -> None:
+        """Copies ``state`` into the policy and tags later answers with ``version``."""
+        load_state_inplace(self.policy, state)
+        self.version, self.loaded = version, True
+
+    def newest(self, need_version: int) -> tuple[dict[str, Tensor] | None, int]:
+        """The newest published weights if newer than those held, waiting for ``need_version`` (``newest_state``)."""
+        return newest_state(self._weights, self.version if self.loaded else -1, need_version)
+
+    @torch.no_grad()
+    def answer(self, req: ObsRequest) -> ActionReply:
+        """Actions, log-probs and values for one request (and values of its bootstrap observations)."""
+        actions, logprobs, values = self.policy.act(req.obs, deterministic=req.deterministic)
+        boot = np.zeros(0, dtype=np.float32)
+        if req.bootstrap_obs is not None:
+            boot = self.policy.value(req.bootstrap_obs).float().cpu().numpy()
+        return ActionReply(
+            req.stage,
+            actions.cpu().numpy(),
+            logprobs.float().cpu().numpy(),
+            values.float().cpu().numpy(),
+            boot,
+            self.version,
+        )
 
 
 def take_rows(obs: Obs, rows: np.ndarray) -> Obs:
@@ -272,9 +311,7 @@ class EnvWorker(Worker):
         self._recent: deque[float] = deque(maxlen=return_window)
         self._recent_success: deque[bool] = deque(maxlen=return_window)
         self._inbox = Channel(f"{self.group_name}:{self.rank}/actions/{uuid.uuid4().hex[:12]}", host="here")
-        self._policy: Any = None  # set by attach_policy (rollout.inline)
-        self._version = 0
-        self._loaded = False
+        self._acting: ActingPolicy | None = None  # set by attach_policy (rollout.inline)
 
     # ---- queries -----------------------------------------------------------------------------------
 
@@ -302,44 +339,30 @@ class EnvWorker(Worker):
             make_policy: ``(observation_space, action_space) -> policy`` (the actor's factory).
             seed: sampling randomness (each rank adds its own offset, as policy rollout ranks do).
         """
-        torch.manual_seed(seed + 1_000_003 * (self.rank + 1))
-        self._policy = make_policy(*self.spaces()).to(self.device)
-        self._policy.eval()
-        self._version, self._loaded = 0, False
-        clear_published(self.group_name, self.rank)  # a previous run's env group had this name
+        self._acting = ActingPolicy(make_policy, self.spaces(), self.device, self.group_name, self.rank, seed)
 
     def load_weights(self, state: dict[str, Tensor] | Channel, version: int) -> None:
         """Copies ``state`` into the attached policy and tags later actions with ``version``."""
-        policy = self._attached("load_weights")
+        acting = self._attached("load_weights")
         state = receive_state(state, version)
         with self.device_lock():
-            load_state_inplace(policy, state)
-        self._version, self._loaded = version, True
+            acting.load(state, version)
 
-    def _attached(self, what: str) -> Any:
-        if self._policy is None:
+    def _attached(self, what: str) -> ActingPolicy:
+        if self._acting is None:
             raise RuntimeError(
                 f"EnvWorker.{what}: env rank {self.rank} has no policy of its own; call "
                 f"EnvWorker.attach_policy first (rollout.inline), or pass the policy rollout ranks' inboxes."
             )
-        return self._policy
-
-    def _pull_weights(self, need_version: int) -> float:
-        """Loads the newest published weights, waiting for ``need_version``; returns the seconds it took."""
-        start = time.perf_counter()
-        have = self._version if self._loaded else -1
-        state, version = newest_state(rank_weights_channel(self.group_name, self.rank), have, need_version)
-        if state is not None:
-            self.load_weights(state, version)
-        return time.perf_counter() - start
+        return self._acting
 
     def offload(self) -> None:
-        if self._policy is not None and self.device.type == "cuda":
-            self._policy.to("cpu")
+        if self._acting is not None and self.device.type == "cuda":
+            self._acting.policy.to("cpu")
 
     def onload(self) -> None:
-        if self._policy is not None and self.device.type == "cuda":
-            self._policy.to(self.device)
+        if self._acting is not None and self.device.type == "cuda":
+            self._acting.policy.to(self.device)
 
     # ---- rollouts ----------------------------------------------------------------------------------
 
@@ -387,10 +410,15 @@ class EnvWorker(Worker):
         if policy is not None and not policy:
             raise ValueError("EnvWorker.interact: pass the policy rollout ranks' inboxes (PolicyRolloutWorker.inbox).")
         if policy is None:
-            self._attached("interact")
-            weights_s = self._pull_weights(need_version) if need_version is not None else 0.0
+            acting = self._attached("interact")
+            start = time.perf_counter()
+            if need_version is not None:
+                state, version = acting.newest(need_version)
+                if state is not None:
+                    self.load_weights(state, version)
+            weights_s = time.perf_counter() - start
             with self.device_lock():
-                metrics = self._interact(None, out, steps, reset_round, first_episode_only, deterministic)
+                metrics = self._interact(acting, out, steps, reset_round, first_episode_only, deterministic)
             metrics["time/rollout_weights"] = weights_s
             metrics["time/rollout"] = metrics["time/env_rollout"] + weights_s
             return metrics
@@ -399,14 +427,14 @@ class EnvWorker(Worker):
 
     def _interact(
         self,
-        target: Channel | None,
+        target: Channel | ActingPolicy,
         out: Channel | None,
         steps: int,
         reset_round: int | None,
         first_episode_only: bool,
         deterministic: bool,
     ) -> dict[str, float]:
-        """``interact`` against the policy rollout rank whose inbox is ``target``, or (None) the own policy."""
+        """``interact`` against the policy rollout rank whose inbox is ``target``, or the rank's own policy."""
         if reset_round is not None or not self._obs:
             self.reset(reset_round or 0)
         start = time.perf_counter()
@@ -416,17 +444,17 @@ class EnvWorker(Worker):
 
         def send(req: ObsRequest) -> None:  # the own policy answers at once; its reply waits in `replies`
             nonlocal act_s
-            if target is not None:
+            if isinstance(target, Channel):
                 target.put(req)
                 return
             t0 = time.time()
-            replies.append(answer_request(self._policy, req, self._version))
+            replies.append(target.answer(req))
             t1 = time.time()
             tr.add(f"act stage {req.stage}", "compute", t0, t1)
             act_s += t1 - t0
 
         def receive(stage: int) -> ActionReply:
-            return self._receive(stage) if target is not None else replies.popleft()
+            return self._receive(stage) if isinstance(target, Channel) else replies.popleft()
 
         n, S = self.per_stage, len(self.envs)
         bufs = [_StageBuffer(n) for _ in range(S)]
@@ -496,7 +524,7 @@ class EnvWorker(Worker):
             if rows_waiting is not None:
                 bufs[s].bootstrap.append((ran - 1, rows_waiting, reply.bootstrap_values))
             finals.append(reply.values)
-        if target is not None:
+        if isinstance(target, Channel):
             target.put(EndOfRollout(self.rank))
         if out is not None:
             groups = self.cfg.reset_groups.group_ids
@@ -517,9 +545,9 @@ class EnvWorker(Worker):
             "time/env_wait": wait_s,
             "time/env_rollout": total,
         }
-        if target is None:  # what PolicyRolloutWorker.serve reports, for the one policy acting here
+        if isinstance(target, ActingPolicy):  # what PolicyRolloutWorker.serve reports, for the policy acting here
             metrics["rollout/samples"] = float(n * S * (ran + 1))
-            metrics["rollout/version"] = float(self._version)
+            metrics["rollout/version"] = float(target.version)
             metrics["time/rollout_compute"] = act_s
         if successes:
             metrics["env/success_rate"] = float(np.mean(successes))
