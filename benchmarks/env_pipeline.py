@@ -13,14 +13,17 @@ table prints both costs, measured alone in this process. Rows:
 
     CartPole-v1        2048 envs, MLP sized so that acting on one stage's 1024 observations costs
                        about what stepping 1024 envs does (a large-batch policy on a cheap simulator)
-    PushCube-v1 state  128 CPU-physics envs, MLP of 3 layers sized the same way (tens of millions
-                       of parameters: the scale of a small action model rather than of a 64x64 MLP);
-                       one stage's act is on 64 observations, enough rows for the arithmetic to
-                       outweigh reading the weights
-    PushCube-v1 state  (``pushcube256`` and ``pushcube16``, not in the default list) the same with 256
-                       and 16 envs: the fewer rows a stage's act has, the more of its time goes to
-                       reading the whole weight matrices, so half the observations cost more than half
-                       the time and two stages hide less (256 envs take minutes to create)
+    PushCube-v1 state  128 CPU-physics envs and a language-conditioned transformer policy on the
+                       state (the ``vla`` kind without an image: pooling, state, instruction and
+                       action tokens, ~31 per observation), its width sized the same way: compute-bound,
+                       each weight used on thousands of token rows per act, as in a VLA
+    PushCube-v1 state  (``pushcube_mlp``, not in the default list) the same envs with an MLP of 3 layers
+                       sized the same way: tens of millions of parameters read for 64 rows, so acting
+                       is bound by memory traffic, and that traffic slows the physics on the other
+                       core (measured: a PushCube step went from ~200 to ~330 ms while a 3x5120 MLP
+                       acted on the other core; with the transformer policy it did not change)
+    PushCube-v1 state  (``pushcube256``, ``pushcube16``, not in the default list) the transformer row
+                       with 256 and 16 envs (256 envs take minutes to create)
     PushCube-v1 state  8 envs, 64x64 MLP: the policy costs next to nothing beside the physics
 
 The policy width is chosen at start-up from a ladder of widths (the widest whose act on one stage
@@ -38,6 +41,7 @@ import functools
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -56,23 +60,46 @@ PUSHCUBE = EnvConfig(
 )
 
 
+def mlp_of_depth(depth: int) -> Callable[[PolicyConfig, int], PolicyConfig]:
+    """Sizes an MLP: ``depth`` hidden layers of the given width."""
+    return lambda cfg, width: replace(cfg, hidden_sizes=(width,) * depth)
+
+
+def transformer_of_width(cfg: PolicyConfig, width: int) -> PolicyConfig:
+    """Sizes the transformer policy: its token width."""
+    return replace(cfg, d_model=width)
+
+
 @dataclass(frozen=True)
 class Task:
-    """One row: an env, and a fixed policy or a policy depth to size against the simulator."""
+    """One row: an env, and a fixed policy or a policy to size against the simulator."""
 
     name: str
     env: EnvConfig
     policy: PolicyConfig
-    balance_depth: int = 0  # > 0: pick the width of a policy of this many layers; 0: use ``policy``
+    sized: Callable[[PolicyConfig, int], PolicyConfig] | None = None  # None: use ``policy`` as it is
     steps_scale: float = 1.0  # fewer steps for slow simulators
 
 
+# language-conditioned transformer on PushCube's state: 4 layers; its width is sized at start-up
+TRANSFORMER = PolicyConfig(kind="vla", num_layers=4, num_heads=4, instruction="push the cube to the goal")
 TASKS = {
-    "cartpole": Task("CartPole-v1", EnvConfig(kind="gym", id="CartPole-v1", num_envs=2048), PolicyConfig(), 2),
-    "pushcube": Task("PushCube-v1 state", replace(PUSHCUBE, num_envs=128), PolicyConfig(), 3, steps_scale=0.25),
-    "pushcube256": Task("PushCube-v1 state", replace(PUSHCUBE, num_envs=256), PolicyConfig(), 3, steps_scale=0.2),
-    "pushcube16": Task("PushCube-v1 state", replace(PUSHCUBE, num_envs=16), PolicyConfig(), 3, steps_scale=0.5),
-    "pushcube_small": Task("PushCube-v1 state", PUSHCUBE, PolicyConfig(hidden_sizes=(64, 64)), 0, steps_scale=0.5),
+    "cartpole": Task(
+        "CartPole-v1", EnvConfig(kind="gym", id="CartPole-v1", num_envs=2048), PolicyConfig(), mlp_of_depth(2)
+    ),
+    "pushcube": Task(
+        "PushCube-v1 state", replace(PUSHCUBE, num_envs=128), TRANSFORMER, transformer_of_width, steps_scale=0.25
+    ),
+    "pushcube_mlp": Task(
+        "PushCube-v1 state", replace(PUSHCUBE, num_envs=128), PolicyConfig(), mlp_of_depth(3), steps_scale=0.25
+    ),
+    "pushcube256": Task(
+        "PushCube-v1 state", replace(PUSHCUBE, num_envs=256), TRANSFORMER, transformer_of_width, steps_scale=0.2
+    ),
+    "pushcube16": Task(
+        "PushCube-v1 state", replace(PUSHCUBE, num_envs=16), TRANSFORMER, transformer_of_width, steps_scale=0.5
+    ),
+    "pushcube_small": Task("PushCube-v1 state", PUSHCUBE, PolicyConfig(hidden_sizes=(64, 64)), steps_scale=0.5),
 }
 
 
@@ -101,10 +128,10 @@ def size_policy(task: Task, n: int = 10) -> tuple[PolicyConfig, float, float, fl
     actions = build_policy(task.policy, env.observation_space, env.action_space).act(obs)[0].numpy()
     sim = _ms(lambda: env.step(actions), n)
     cfg = task.policy
-    if task.balance_depth:
-        cfg = replace(task.policy, hidden_sizes=(WIDTHS[0],) * task.balance_depth)
+    if task.sized is not None:
+        cfg = task.sized(task.policy, WIDTHS[0])
         for width in WIDTHS:
-            wider = replace(task.policy, hidden_sizes=(width,) * task.balance_depth)
+            wider = task.sized(task.policy, width)
             policy = build_policy(wider, env.observation_space, env.action_space)
             if _ms(lambda p=policy: p.act(half), n) > sim / 2:
                 break
@@ -113,6 +140,12 @@ def size_policy(task: Task, n: int = 10) -> tuple[PolicyConfig, float, float, fl
     act, act_half = _ms(lambda: policy.act(obs), n), _ms(lambda: policy.act(half), n)
     env.close()
     return cfg, sim, act, act_half
+
+
+def describe(cfg: PolicyConfig) -> str:
+    if cfg.kind == "vla":
+        return f"transformer {cfg.num_layers}x{cfg.d_model}"
+    return f"{cfg.kind} {list(cfg.hidden_sizes)}"
 
 
 def rollout_rate(env: Any, policy: Any, env_inboxes: list, policy_inboxes: list, steps: int) -> float:
@@ -154,7 +187,7 @@ def bench_task(cluster: Cluster, key: str, task: Task, repeats: int, steps: int)
     return {
         "task": task.name,
         "num_envs": task.env.num_envs,
-        "policy": f"{policy_cfg.kind} {list(policy_cfg.hidden_sizes)}",
+        "policy": describe(policy_cfg),
         "sim_ms_per_step": sim_ms,
         "policy_ms_per_step": act_ms,
         "policy_ms_per_half_step": half_ms,

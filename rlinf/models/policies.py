@@ -47,7 +47,8 @@ gain ``sqrt(2)`` for hidden layers, 0.01 for the action output, 1 for the value 
   by all dimensions), the pooling token gives the value. The instruction is ``cfg.instruction``, or
   per sample the ``"instruction"`` entry of a dict observation (``int64 [B, L]`` from
   ``tokenize_instructions``, 0 = padding). Transformer weights keep PyTorch's init; the output heads
-  are orthogonal as above.
+  are orthogonal as above. Without an image in the space it reads the state and the instruction
+  alone (a language-conditioned transformer over states; no rendering needed).
 """
 
 from __future__ import annotations
@@ -581,7 +582,7 @@ class VLATrunk(nn.Module):
     Args:
         cfg: the policy config (``d_model``, ``num_layers``, ``num_heads``, ``patch_size``, ``vocab_size``,
             ``max_instruction_tokens``, ``instruction``).
-        rgb_shape: ``(H, W, C)``.
+        rgb_shape: ``(H, W, C)``, or None: no image tokens (then ``state_dim`` must be positive).
         rgb_scale: factor applied to pixels (1/255 for uint8).
         state_dim: flattened state length given one token (0 for none).
         num_dims: action dimensions ``D`` (one query token each).
@@ -593,30 +594,32 @@ class VLATrunk(nn.Module):
     def __init__(
         self,
         cfg: PolicyConfig,
-        rgb_shape: tuple[int, int, int],
+        rgb_shape: tuple[int, int, int] | None,
         rgb_scale: float,
         state_dim: int,
         num_dims: int,
         num_classes: int,
     ) -> None:
         super().__init__()
-        h, w, c = rgb_shape
         p, d = cfg.patch_size, cfg.d_model
-        if p > h or p > w:
-            raise ConfigError(
-                f"vla policy: patch_size={p} is larger than the {h}x{w} image; use patch_size <= {min(h, w)} "
-                f"(e.g. {max(1, min(h, w) // 8)} for an 8x8 grid of patches)."
-            )
         self.rgb_scale = rgb_scale
         self.num_dims = num_dims
         self.max_tokens = cfg.max_instruction_tokens
-        self.patch = nn.Conv2d(c, d, kernel_size=p, stride=p)  # one linear map per non-overlapping patch
-        num_patches = (h // p) * (w // p)
+        self.patch: nn.Conv2d | None = None
+        self.pos_patch: nn.Parameter | None = None
+        if rgb_shape is not None:
+            h, w, c = rgb_shape
+            if p > h or p > w:
+                raise ConfigError(
+                    f"vla policy: patch_size={p} is larger than the {h}x{w} image; use patch_size <= {min(h, w)} "
+                    f"(e.g. {max(1, min(h, w) // 8)} for an 8x8 grid of patches)."
+                )
+            self.patch = nn.Conv2d(c, d, kernel_size=p, stride=p)  # one linear map per non-overlapping patch
+            self.pos_patch = nn.Parameter(torch.randn(1, (h // p) * (w // p), d) * 0.02)
         self.token = nn.Embedding(cfg.vocab_size, d, padding_idx=PAD_TOKEN)
         self.state_proj: nn.Linear | None = nn.Linear(state_dim, d) if state_dim > 0 else None
         self.pool = nn.Parameter(torch.zeros(1, 1, d))
         self.queries = nn.Parameter(torch.randn(1, num_dims, d) * 0.02)
-        self.pos_patch = nn.Parameter(torch.randn(1, num_patches, d) * 0.02)
         self.pos_text = nn.Parameter(torch.randn(1, cfg.max_instruction_tokens, d) * 0.02)
         layer = nn.TransformerEncoderLayer(
             d, cfg.num_heads, 4 * d, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
@@ -630,11 +633,13 @@ class VLATrunk(nn.Module):
         self.register_buffer("instruction", tokenize_instruction(cfg.instruction, self.max_tokens), persistent=False)
 
     def forward(self, obs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """``obs["rgb"]``, optional ``obs["state"]`` and ``obs["instruction"] [B, L]`` -> (logits ``[B, D, K]``,
-        values ``[B]``)."""
-        img = obs["rgb"].permute(0, 3, 1, 2).float() * self.rgb_scale
-        b = img.shape[0]
-        patches = self.patch(img).flatten(2).transpose(1, 2) + self.pos_patch
+        """``obs["rgb"]`` and/or ``obs["state"]``, optional ``obs["instruction"] [B, L]`` -> (logits
+        ``[B, D, K]``, values ``[B]``)."""
+        patches: list[Tensor] = []
+        if self.patch is not None and self.pos_patch is not None:
+            img = obs["rgb"].permute(0, 3, 1, 2).float() * self.rgb_scale
+            patches.append(self.patch(img).flatten(2).transpose(1, 2) + self.pos_patch)
+        b = (patches[0] if patches else obs["state"]).shape[0]
         ids = obs.get("instruction")
         if ids is None:
             ids = self.instruction.expand(b, -1)
@@ -643,7 +648,7 @@ class VLATrunk(nn.Module):
         if self.state_proj is not None:
             parts.append(self.state_proj(obs["state"])[:, None])
         head = len(parts)
-        parts += [text, patches, self.queries.expand(b, -1, -1)]
+        parts += [text, *patches, self.queries.expand(b, -1, -1)]
         x = torch.cat(parts, dim=1)
         pad = ids == PAD_TOKEN
         mask = None
@@ -834,14 +839,20 @@ def build_policy(cfg: PolicyConfig, observation_space: gym.Space[Any], action_sp
                 f"or observe states only (ManiSkill obs_mode='state')."
             )
         trunk = MLPTrunk(layout.state_dim, out_dim, cfg.hidden_sizes, cfg.activation)
-    elif layout.rgb_shape is None:
-        raise ConfigError(
-            f"{cfg.kind} policy: observation space {observation_space} has no image; use kind='mlp' for "
-            f"state vectors, or observe images (ManiSkill obs_mode='rgb')."
-        )
     elif cfg.kind == "cnn":
+        if layout.rgb_shape is None:
+            raise ConfigError(
+                f"cnn policy: observation space {observation_space} has no image; use kind='mlp' (or 'vla') "
+                f"for state vectors, or observe images (ManiSkill obs_mode='rgb')."
+            )
         trunk = CNNTrunk(layout.rgb_shape, layout.rgb_scale, state_dim, out_dim, cfg.conv_channels, cfg.cnn_hidden)
     else:
+        if layout.rgb_shape is None and state_dim == 0:
+            raise ConfigError(
+                f"vla policy: observation space {observation_space} has no image"
+                + (" and use_state=false drops its state" if layout.state_dim else " and no state")
+                + "; set use_state=true to read the state, or observe images (ManiSkill obs_mode='rgb')."
+            )
         if not isinstance(head, CategoricalHead):  # unreachable: cfg.bins is never None for the VLA
             raise ConfigError("vla policy: needs categorical actions; set action_bins >= 2.")
         trunk = VLATrunk(cfg, layout.rgb_shape, layout.rgb_scale, state_dim, head.num_dims, head.num_classes)

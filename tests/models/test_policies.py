@@ -49,6 +49,8 @@ CASES = [
     ("vla", VLA, MANISKILL_RGB, BOX),
     ("vla", {**VLA, "action_bins": 11}, MANISKILL_RGB, MULTI),
     ("vla", VLA, IMAGE32, CHUNK),
+    ("vla", VLA, STATE, BOX),  # no image: the state and the instruction only
+    ("vla", VLA, gym.spaces.Dict({"state": STATE}), DISCRETE),
 ]
 
 
@@ -237,7 +239,7 @@ def test_byte_tokenizer_round_trips():
 
 def _targets(kind, obs, act_space, obs_space):
     """Actions that depend on the observation: a simple function for each model to fit."""
-    if kind == "mlp":
+    if kind == "mlp" or (not isinstance(obs_space, gym.spaces.Dict) and len(obs_space.shape) == 1):
         feature = torch.as_tensor(obs if not isinstance(obs, dict) else obs["state"]).reshape(len(obs), -1)[:, 0]
     else:
         rgb = obs["rgb"] if isinstance(obs, dict) else obs
@@ -256,6 +258,7 @@ FIT_CASES = [
     ("cnn", {}, gym.spaces.Box(0, 255, (36, 36, 3), np.uint8), DISCRETE, 1e-3),
     ("cnn", {"action_bins": 9}, MANISKILL_RGB, BOX, 1e-3),
     ("vla", VLA, MANISKILL_RGB, BOX, 3e-3),
+    ("vla", {**VLA, "d_model": 64}, STATE, BOX, 3e-3),
 ]
 
 
@@ -348,7 +351,7 @@ def test_config_loads_from_yaml_like_dicts():
     [
         ("mlp", {}, IMAGE64, DISCRETE, "holds images; use kind='cnn' or kind='vla'"),
         ("cnn", {}, STATE, DISCRETE, "has no image; use kind='mlp'"),
-        ("vla", {}, gym.spaces.Dict({"state": STATE}), BOX, "has no image; use kind='mlp'"),
+        ("vla", {"use_state": False}, gym.spaces.Dict({"state": STATE}), BOX, "use_state=false drops its state"),
         ("cnn", {}, IMAGE32, DISCRETE, "32x32 pixels are too small for the Nature-CNN stack"),
         ("vla", {"patch_size": 64}, IMAGE32, DISCRETE, "patch_size=64 is larger than the 32x32 image"),
         ("mlp", {"action_bins": 8}, STATE, gym.spaces.Box(-np.inf, np.inf, (2,)), "action_bins=8 needs finite Box"),
