@@ -40,7 +40,7 @@ from rlinf.channel import Channel
 from rlinf.errors import ConfigError
 from rlinf.worker import Worker
 from rlinf.workers.config import ActorConfig
-from rlinf.workers.inference import PackedBatch, pack_groups, token_logprobs
+from rlinf.workers.inference import PackedBatch, group_token_logprobs, pack_groups, token_logprobs
 from rlinf.workers.lora import add_lora, merged_state
 from rlinf.workers.micro_batch import ElasticPull
 from rlinf.workers.rollout import Group, RolloutWorker, load_model, rank_share
@@ -296,7 +296,7 @@ class ActorWorker(Worker):
         if tokens == 0:
             self._empty_pass_if_collective()
             return {"tokens": 0.0}
-        logprobs = token_logprobs(self._forward, batch, self.temperature)
+        logprobs = group_token_logprobs(self._forward, groups, batch, self.temperature)
         loss, m = ppo_clip_loss(
             logprobs,
             batch.old_logprobs,

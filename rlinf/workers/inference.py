@@ -102,6 +102,49 @@ def token_logprobs(model: Any, batch: PackedBatch, temperature: float) -> Tensor
     return out * batch.response_mask
 
 
+def group_token_logprobs(model: Any, groups: Sequence[Group], batch: PackedBatch, temperature: float) -> Tensor:
+    """``token_logprobs(model, batch, temperature)`` for ``batch = pack_groups(groups)``, each group's
+    prompt computed once instead of once per sample.
+
+    The prompts go through ``model`` as one batch with the key/value cache on; each sample's response
+    then continues from its group's cached prompt (cache rows picked per sample, which carries the
+    gradient of every sample back to the shared prompt pass). Same numbers up to rounding; a group of
+    ``n`` samples spends ``1/n`` of the prompt's compute. Groups of one sample gain nothing, and then
+    this is ``token_logprobs``.
+    """
+    sizes = torch.tensor([g.response_ids.shape[0] for g in groups])
+    if int(sizes.max()) <= 1:
+        return token_logprobs(model, batch, temperature)
+    device = batch.input_ids.device
+    plens = torch.tensor([int(g.prompt_ids.numel()) for g in groups], device=device)
+    width = int(plens.max())
+    prompts = torch.zeros((len(groups), width), dtype=torch.long, device=device)  # padding is masked out
+    pmask = torch.zeros((len(groups), width), dtype=torch.long, device=device)
+    for i, g in enumerate(groups):  # right-padded: the positions of real tokens start at 0
+        prompts[i, : plens[i]] = g.prompt_ids.to(device)
+        pmask[i, : plens[i]] = 1
+    out = model(input_ids=prompts, attention_mask=pmask, use_cache=True)
+    rows = torch.repeat_interleave(torch.arange(len(groups), device=device), sizes.to(device))
+    cache = out.past_key_values
+    cache.batch_select_indices(rows)  # one cache row per sample
+    first = out.logits[rows, plens[rows] - 1]  # the logits that predict each response's first token
+    r = batch.response_ids.shape[1]
+    steps = torch.arange(r, device=device)
+    lengths = batch.response_mask.sum(dim=1)
+    attention = torch.cat([pmask[rows], (steps[None, :] < lengths[:, None]).long()], dim=1)
+    # response token t sits at position prompt_len + t; the cache's padding slots are masked out
+    cont = model(
+        input_ids=batch.response_ids,
+        attention_mask=attention,
+        position_ids=plens[rows, None] + steps[None, :],
+        past_key_values=cache,
+        use_cache=True,
+    )
+    picked = torch.cat([first[:, None], cont.logits[:, :-1]], dim=1).float()
+    logp = torch.log_softmax(picked / temperature, dim=-1)
+    return logp.gather(2, batch.response_ids[:, :, None]).squeeze(2) * batch.response_mask
+
+
 class InferenceWorker(Worker):
     """Reference-model log-probs for a KL penalty; attaches ``ref_logprobs`` to each group.
 
@@ -153,7 +196,7 @@ class InferenceWorker(Worker):
         """One forward pass over ``groups``; per group, ``[n, R]`` log-probs shaped like its ``logprobs``."""
         with torch.no_grad():
             batch = pack_groups(groups, int(self.tokenizer.pad_token_id))
-            ref = token_logprobs(self.model, batch, self.temperature)
+            ref = group_token_logprobs(self.model, groups, batch, self.temperature)
         out, row = [], 0
         for g in groups:  # pack_groups lays out the samples group after group
             full = torch.zeros_like(g.logprobs)

@@ -162,8 +162,13 @@ class HFEngine:
             options.update(stop_strings=list(stop), tokenizer=tok)
         if pad != eos:
             options["suppress_tokens"] = [pad]  # a pad token then marks only the filler after the end
+        ids, attn = ids.to(self.device), attn.to(self.device)
         with torch.no_grad():
-            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), **options)
+            if n > 1 and width > 1:
+                # each prompt's prefix once: its n samples continue from copies of that prompt's cache
+                options.update(num_return_sequences=1, past_key_values=self._prefill(ids[:, :-1], attn[:, :-1], n))
+                ids, attn = ids.repeat_interleave(n, dim=0), attn.repeat_interleave(n, dim=0)
+            out = self.model.generate(input_ids=ids, attention_mask=attn, **options)
         new = out.sequences[:, width:].cpu()
         # step by step: stacking the raw logits first would copy [B * n, R, V] floats once more
         temp = temperature or 1.0
@@ -190,6 +195,13 @@ class HFEngine:
                 cut.append(not ended and not stopped)
             results.append(Sampled(tokens, lps, cut))
         return results
+
+    def _prefill(self, ids: Tensor, attn: Tensor, n: int) -> Any:
+        """The key/value cache of left-padded ``ids``, each row repeated ``n`` times."""
+        positions = (attn.cumsum(dim=1) - 1).clamp(min=0)
+        cache = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(n)
+        return cache
 
     def load_weights(self, state: dict[str, Tensor]) -> None:
         load_state_inplace(self.model, state)

@@ -1,0 +1,86 @@
+"""A group's prompt computed once for all its samples: the actor's log-probs and gradients, and the
+hf engine's samples, equal those of computing the prompt once per sample."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlinf.models import build_tiny_model
+from rlinf.workers.inference import group_token_logprobs, pack_groups, token_logprobs
+from rlinf.workers.rollout import Group, HFEngine, load_model
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def model_dir(request, tmp_path_factory):
+    arch = request.param
+    return build_tiny_model(tmp_path_factory.getbasetemp() / f"tiny-{arch}", arch=arch, size="nano", seed=0)
+
+
+def _groups(vocab: int, pad: int) -> list[Group]:
+    """Prompts of different lengths; responses of different lengths, one failed (empty), one group of one."""
+    gen = torch.Generator().manual_seed(3)
+    groups = []
+    for plen, lengths in [(5, [4, 0, 2]), (9, [6, 6]), (1, [3]), (3, [1, 2, 3, 5])]:
+        n, r = len(lengths), max(lengths)
+        mask = torch.arange(r)[None] < torch.tensor(lengths)[:, None]
+        resp = torch.where(mask, torch.randint(3, vocab, (n, r), generator=gen), pad)
+        prompt = torch.randint(3, vocab, (plen,), generator=gen)
+        groups.append(Group(prompt, resp, mask, torch.zeros(n, r), ("",) * n, (False,) * n, ("",) * n, None, 0))
+    return groups
+
+
+def test_group_logprobs_and_gradients_equal_the_packed_ones(model_dir):
+    model, tok = load_model(model_dir, "float32", torch.device("cpu"))
+    groups = _groups(int(model.config.vocab_size), int(tok.pad_token_id))
+    batch = pack_groups(groups, int(tok.pad_token_id))
+
+    packed = token_logprobs(model, batch, 0.7)
+    (packed * torch.linspace(-1, 1, packed.numel()).view_as(packed)).sum().backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    shared = group_token_logprobs(model, groups, batch, 0.7)
+    (shared * torch.linspace(-1, 1, shared.numel()).view_as(shared)).sum().backward()
+
+    assert shared.shape == packed.shape
+    assert (shared[~batch.response_mask] == 0).all()
+    torch.testing.assert_close(shared, packed, atol=1e-5, rtol=1e-5)
+    for p, g in zip(model.parameters(), packed_grads, strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
+
+
+def test_groups_of_one_sample_take_the_packed_path(model_dir):
+    model, tok = load_model(model_dir, "float32", torch.device("cpu"))
+    groups = [g for g in _groups(int(model.config.vocab_size), int(tok.pad_token_id)) if g.size == 1]
+    batch = pack_groups(groups, int(tok.pad_token_id))
+    calls = []
+    counted = lambda **kw: calls.append(kw) or model(**kw)  # noqa: E731
+    with torch.no_grad():
+        out = group_token_logprobs(counted, groups, batch, 1.0)
+    assert len(calls) == 1 and "past_key_values" not in calls[0]
+    torch.testing.assert_close(out, token_logprobs(model, batch, 1.0))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_hf_engine_samples_from_one_prompt_pass_per_group(model_dir, temperature):
+    engine = HFEngine(model_dir, "float32", torch.device("cpu"))
+    prompts = [[5, 9, 11, 7], [6] * 11, [8, 3]]
+    seen: list[tuple[int, ...]] = []
+    hook = engine.model.model.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    torch.manual_seed(1)
+    shared = engine.generate(prompts, 4, temperature, 1.0, 6, [])
+    hook.remove()
+    torch.manual_seed(1)
+    # the same rows, each prompt sent 4 times: every sample computes its own prompt
+    apart = engine.generate([p for p in prompts for _ in range(4)], 1, temperature, 1.0, 6, [])
+
+    assert seen[0] == (3, 10)  # the prompts once, all but their last token (left-padded to 11)
+    assert seen[1] == (12, 1)  # then 4 rows per prompt
+    for i, s in enumerate(shared):
+        for j in range(4):
+            other = apart[4 * i + j]
+            assert s.tokens[j] == other.tokens[0]
+            assert s.truncated[j] == other.truncated[0]
+            torch.testing.assert_close(torch.tensor(s.logprobs[j]), torch.tensor(other.logprobs[0]), atol=1e-5, rtol=0)
