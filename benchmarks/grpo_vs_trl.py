@@ -3,7 +3,10 @@
 Both train the same tiny random Qwen2 model (built locally) with GRPO on the generated one-digit
 addition task: the same prompts in the same order, ``--prompts`` prompts x ``--group`` samples per
 step, ``--tokens`` new tokens at most, temperature 1, one AdamW step per batch (lr, clipping and
-epsilon equal), no KL term, token-level loss normalisation on both sides. TRL runs in one process
+epsilon equal), no KL term, token-level loss normalisation on both sides, float32 on both sides,
+the whole batch in one forward/backward pass on both sides (rlinf's ``actor.micro_batch_groups``
+set to the batch) and no activation recomputation (TRL's ``gradient_checkpointing``, on by default
+in TRL, is turned off; ``--trl-gradient-checkpointing`` turns it back on). TRL runs in one process
 with both cores; rlinf runs its example placement (rollout and reward on CPU slot 0, the actor on
 slot 1, streaming through channels). Each side runs in its own subprocess; runs alternate between
 the two; the first ``--warmup`` steps of every run are left out of the per-step times.
@@ -54,6 +57,8 @@ def _settings(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "placement": args.placement,
         "rollout_ahead": args.rollout_ahead,
+        "micro_batch_groups": args.micro_batch_groups or args.prompts,
+        "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
     }
 
 
@@ -137,6 +142,7 @@ def run_trl(s: dict) -> dict:
             weight_decay=0.0,
             max_grad_norm=1.0,
             loss_type="dapo",
+            gradient_checkpointing=s["trl_gradient_checkpointing"],  # TRL's default is on; rlinf does not recompute
             max_steps=s["steps"],
             logging_steps=1,
             save_strategy="no",
@@ -187,6 +193,8 @@ def run_rlinf(s: dict) -> dict:
         "run.eval_every=0",
         "run.save_every=0",
         f"run.rollout_ahead={s['rollout_ahead']}",
+        f"actor.micro_batch_groups={s['micro_batch_groups']}",
+        "actor.min_micro_batch_groups=1",
         *PLACEMENTS[s["placement"]],
     ]
     cfg = load_config(grpo.GRPOConfig, root / "examples" / "grpo_math_tiny.yaml", overrides)
@@ -224,6 +232,19 @@ def main() -> None:
         default=0,
         help="rlinf's run.rollout_ahead (1: generate the next batch while training)",
     )
+    parser.add_argument(
+        "--micro-batch-groups",
+        type=int,
+        default=0,
+        help="rlinf's actor.micro_batch_groups, the most groups per forward/backward pass "
+        "(default: the whole batch, as TRL's one pass; fewer arrive when the actor catches up with the rollout)",
+    )
+    parser.add_argument(
+        "--trl-gradient-checkpointing",
+        action="store_true",
+        help="TRL recomputes activations in the backward pass (its default); off by default here so that "
+        "both sides do the same arithmetic",
+    )
     parser.add_argument("--one", choices=["trl", "rlinf"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -236,7 +257,11 @@ def main() -> None:
         return
 
     results: dict[str, list[dict]] = {"trl": [], "rlinf": []}
-    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in _settings(args).items()]
+    passthrough = [
+        f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
+        for k, v in _settings(args).items()
+        if v is not False
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):
             for side in ("trl", "rlinf"):
