@@ -3,7 +3,8 @@
 Both train the same tiny random Qwen2 model (built locally) with GRPO on the generated one-digit
 addition task: the same prompts in the same order, ``--prompts`` prompts x ``--group`` samples per
 step, ``--tokens`` new tokens at most, temperature 1, one AdamW step per batch (lr, clipping and
-epsilon equal), no KL term, token-level loss normalisation on both sides, float32 on both sides,
+epsilon equal), no KL term, token-level loss normalisation on both sides, float32 on both sides
+(``--bf16``: bfloat16 mixed precision in training on both sides),
 the whole batch in one forward/backward pass on both sides (rlinf's ``actor.micro_batch_groups``
 set to the batch) and no activation recomputation (TRL's ``gradient_checkpointing``, on by default
 in TRL, is turned off; ``--trl-gradient-checkpointing`` turns it back on). TRL runs in one process
@@ -59,6 +60,7 @@ def _settings(args: argparse.Namespace) -> dict:
         "rollout_ahead": args.rollout_ahead,
         "micro_batch_groups": args.micro_batch_groups or args.prompts,
         "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
+        "bf16": args.bf16,
     }
 
 
@@ -126,7 +128,7 @@ def run_trl(s: dict) -> dict:
         cfg = GRPOConfig(
             output_dir=out,
             use_cpu=True,
-            bf16=False,
+            bf16=s["bf16"],
             per_device_train_batch_size=s["prompts"] * s["group"],
             gradient_accumulation_steps=1,
             num_generations=s["group"],
@@ -195,6 +197,7 @@ def run_rlinf(s: dict) -> dict:
         f"run.rollout_ahead={s['rollout_ahead']}",
         f"actor.micro_batch_groups={s['micro_batch_groups']}",
         "actor.min_micro_batch_groups=1",
+        f"actor.autocast={'bfloat16' if s['bf16'] else 'none'}",
         *PLACEMENTS[s["placement"]],
     ]
     cfg = load_config(grpo.GRPOConfig, root / "examples" / "grpo_math_tiny.yaml", overrides)
@@ -245,6 +248,11 @@ def main() -> None:
         help="TRL recomputes activations in the backward pass (its default); off by default here so that "
         "both sides do the same arithmetic",
     )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="mixed precision on both sides: TRL's bf16 (its default), rlinf's actor.autocast=bfloat16",
+    )
     parser.add_argument("--one", choices=["trl", "rlinf"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -274,7 +282,9 @@ def main() -> None:
 
     print(
         f"\nGRPO, tiny-{args.size} model, {args.prompts} prompts x {args.group} samples, <= {args.tokens} new tokens, "
-        f"{args.steps} steps (first {args.warmup} not timed), median of {args.runs} runs\n"
+        f"{args.steps} steps (first {args.warmup} not timed), median of {args.runs} runs, "
+        f"{'bfloat16 mixed precision' if args.bf16 else 'float32'}, TRL gradient checkpointing "
+        f"{'on' if args.trl_gradient_checkpointing else 'off'}\n"
     )
     table = {}
     for side, runs in results.items():

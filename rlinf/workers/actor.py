@@ -116,6 +116,11 @@ class ActorWorker(Worker):
         self.temperature = temperature
         if cfg.backend == "deepspeed":
             require_deepspeed()
+        if cfg.autocast != "none" and dtype != "float32":
+            raise ConfigError(
+                f"actor.autocast={cfg.autocast!r} keeps weights in model.dtype and computes in {cfg.autocast}, "
+                f"but model.dtype={dtype!r}; set model.dtype=float32 for mixed precision, or actor.autocast=none."
+            )
         torch.manual_seed(cfg.seed)  # same on every rank: LoRA's initial adapters must agree
         model, self.tokenizer = load_model(model_dir, dtype, self.device)
         if cfg.lora_rank > 0:
@@ -143,7 +148,12 @@ class ActorWorker(Worker):
             self.ds = DeepSpeedBackend(self.model, self.optimizer, self.cfg, self.dtype, self.rank, self.world_size)
 
     def _forward(self, **inputs: Any) -> Any:
-        return (self.ds.engine if self.ds else self.model)(**inputs)
+        model = self.ds.engine if self.ds else self.model
+        if self.cfg.autocast == "none":
+            return model(**inputs)
+        # backward runs in the dtypes the forward recorded, so only the forward sits in the context
+        with torch.autocast(self.device.type, dtype=getattr(torch, self.cfg.autocast)):
+            return model(**inputs)
 
     # ---- training --------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -326,7 +327,27 @@ def test_backend_deepspeed_without_the_package_says_how_to_install(monkeypatch):
         require_deepspeed()
 
 
+def test_bfloat16_autocast_keeps_float32_weights_and_takes_about_the_float32_step(fresh_groups, model_dir):
+    cfg = replace(CFG, autocast="bfloat16", lr=1e-3)
+    actor = ActorWorker.launch(fresh_groups, [0], cfg, str(model_dir), 1.0, name="actor-bf16")
+    groups = scored_groups(model_dir, seed=4)
+    init = actor.call(ActorWorker.state_dict).wait()[0]
+    trained = train_on(actor, "acc/bf16", groups, 2)
+    full = reference_step(model_dir, groups, replace(cfg, autocast="none"))
+    assert all(v.dtype == torch.float32 for v in trained.values())
+    # the same direction as the float32 step: Adam's first step moves each weight by about lr * sign(grad),
+    # so compare the signs of the two updates over all weights that moved noticeably
+    ups = [(trained[k] - init[k]).flatten() for k in init]
+    refs = [(full[k] - init[k]).flatten() for k in init]
+    up, ref = torch.cat(ups), torch.cat(refs)
+    moved = ref.abs() > 0.5 * cfg.lr
+    agree = float((up[moved].sign() == ref[moved].sign()).float().mean())
+    assert moved.sum() > 1000 and agree > 0.8, agree
+
+
 def test_actor_config_rejects_bad_elastic_and_lora_values():
+    with pytest.raises(ConfigError, match="autocast='float16'"):
+        ActorConfig(autocast="float16")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="min_micro_batch_groups=3"):
         ActorConfig(micro_batch_groups=2, min_micro_batch_groups=3)
     with pytest.raises(ConfigError, match="lora_rank=-1"):
