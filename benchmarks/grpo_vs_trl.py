@@ -1,8 +1,9 @@
 """GRPO time per step: rlinf against TRL's ``GRPOTrainer`` on the same model, prompts and settings.
 
-Both train the same tiny random Qwen2 model (built locally) with GRPO on the generated one-digit
-addition task: the same prompts in the same order, ``--prompts`` prompts x ``--group`` samples per
-step, ``--tokens`` new tokens at most, temperature 1, one AdamW step per batch (lr, clipping and
+Both train the same tiny Qwen2 model (built locally, random, then warm-started by ``--warm-start-steps``
+steps of rlinf's SFT on the gold answers so that GRPO sees rewards; 0 keeps it random) with GRPO on
+the generated one-digit addition task: the same prompts in the same order, ``--prompts`` prompts x
+``--group`` samples per step, ``--tokens`` new tokens at most, temperature 1, one AdamW step per batch (lr, clipping and
 epsilon equal), no KL term, token-level loss normalisation on both sides, float32 on both sides
 (``--bf16``: bfloat16 mixed precision in training on both sides),
 the whole batch in one forward/backward pass on both sides (rlinf's ``actor.micro_batch_groups``
@@ -13,6 +14,7 @@ slot 1, streaming through channels). Each side runs in its own subprocess; runs 
 the two; the first ``--warmup`` steps of every run are left out of the per-step times.
 
     python benchmarks/grpo_vs_trl.py                       # 3 runs each, 10 steps, the ~10M model
+    python benchmarks/grpo_vs_trl.py --warm-start-steps 0 --lr 1e-3   # the random model (rewards stay 0)
     python benchmarks/grpo_vs_trl.py --runs 5 --size tiny  # the ~1M model
     python benchmarks/grpo_vs_trl.py --placement collocated   # rlinf on both slots, two ranks per component
     python benchmarks/grpo_vs_trl.py --rollout-ahead 1        # rlinf generates the next batch while training
@@ -61,6 +63,7 @@ def _settings(args: argparse.Namespace) -> dict:
         "micro_batch_groups": args.micro_batch_groups or args.prompts,
         "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
         "bf16": args.bf16,
+        "model": args.model,
     }
 
 
@@ -98,7 +101,7 @@ def run_trl(s: dict) -> dict:
 
     torch.set_num_threads(2)
     task = from_dict(MathTaskConfig, TASK)
-    model_dir = ModelConfig(path="tiny", tiny_size=s["size"]).resolve()
+    model_dir = ModelConfig(path=s["model"], tiny_size=s["size"]).resolve()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     problems = _train_problems(task, s["steps"], s["prompts"], s["seed"])
     data = Dataset.from_dict(
@@ -179,6 +182,7 @@ def run_rlinf(s: dict) -> dict:
 
     root = Path(__file__).resolve().parent.parent
     overrides = [
+        f"model.path={s['model']}",
         f"model.tiny_size={s['size']}",
         f"rollout.group_size={s['group']}",
         f"rollout.batch_prompts={s['prompts']}",
@@ -213,6 +217,19 @@ def run_rlinf(s: dict) -> dict:
     }
 
 
+def warm_start(s: dict, steps: int, out: Path) -> dict:
+    """SFT of the tiny model on the task's gold answers, so that GRPO has rewards to work with; the
+    checkpoint is what both sides start from."""
+    from rlinf.config import load_config
+    from rlinf.workflows import sft
+
+    root = Path(__file__).resolve().parent.parent
+    overrides = [f"model.tiny_size={s['size']}", f"run.steps={steps}", "actor.lr=1e-3", f"run.seed={s['seed']}"]
+    cfg = load_config(sft.SFTConfig, root / "examples" / "sft_math_tiny.yaml", overrides)
+    metrics = sft.main(cfg, out, show_progress=False)
+    return {"model": str(out / "checkpoints" / "final"), "accuracy": metrics["eval/accuracy_after"]}
+
+
 def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -226,7 +243,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-4, help="1e-4 keeps the warm start's rewards")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--placement", choices=sorted(PLACEMENTS), default="example", help="rlinf's placement")
     parser.add_argument(
@@ -253,28 +270,48 @@ def main() -> None:
         action="store_true",
         help="mixed precision on both sides: TRL's bf16 (its default), rlinf's actor.autocast=bfloat16",
     )
-    parser.add_argument("--one", choices=["trl", "rlinf"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--warm-start-steps",
+        type=int,
+        default=60,
+        help="SFT steps on the gold answers before GRPO, so that rewards are not all zero (0: the random model)",
+    )
+    parser.add_argument("--model", default="tiny", help=argparse.SUPPRESS)  # set to the warm start's checkpoint
+    parser.add_argument("--one", choices=["trl", "rlinf", "sft"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps <= args.warmup:
         parser.error(f"--steps={args.steps} must exceed --warmup={args.warmup} to leave steps to time.")
 
+    if args.one == "sft":  # a child: the warm start
+        args.out.write_text(json.dumps(warm_start(_settings(args), args.warm_start_steps, args.out.parent / "sft")))
+        return
     if args.one:  # a child: one run of one side, results as JSON
         result = (run_trl if args.one == "trl" else run_rlinf)(_settings(args))
         args.out.write_text(json.dumps(result))
         return
 
     results: dict[str, list[dict]] = {"trl": [], "rlinf": []}
-    passthrough = [
-        f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
-        for k, v in _settings(args).items()
-        if v is not False
-    ]
+
+    def passthrough() -> list[str]:
+        return [
+            f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
+            for k, v in _settings(args).items()
+            if v is not False
+        ]
+
     with tempfile.TemporaryDirectory() as tmp:
+        if args.warm_start_steps > 0 and args.model == "tiny":
+            out = Path(tmp) / "warm.json"
+            cmd = [sys.executable, __file__, "--one=sft", f"--out={out}", f"--warm-start-steps={args.warm_start_steps}"]
+            subprocess.run([*cmd, *passthrough()], check=True, stdout=subprocess.DEVNULL)
+            warm = json.loads(out.read_text())
+            args.model = warm["model"]
+            print(f"warm start: {args.warm_start_steps} SFT steps, held-out greedy accuracy {warm['accuracy']:.2f}")
         for run in range(args.runs):
             for side in ("trl", "rlinf"):
                 out = Path(tmp) / f"{side}-{run}.json"
-                cmd = [sys.executable, __file__, f"--one={side}", f"--out={out}", *passthrough]
+                cmd = [sys.executable, __file__, f"--one={side}", f"--out={out}", *passthrough()]
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                 results[side].append(json.loads(out.read_text()))
                 r = results[side][-1]
