@@ -28,7 +28,7 @@ import contextlib
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -237,7 +237,7 @@ class ActorWorker(Worker):
         return {"eval/nll_sum": sums.get("nll_sum", 0.0), "eval/tokens": sums.get("tokens", 0.0)}
 
     def _eval_pass(self, examples: list[Example]) -> dict[str, float]:
-        batch = self._on_device(pack_groups([self._sft_group(e) for e in examples], self.pad_id))
+        batch = pack_groups([self._sft_group(e) for e in examples], self.pad_id).to(self.device)
         mask = batch.response_mask
         nll = -(token_logprobs(self._forward, batch, 1.0) * mask).sum()
         return {"tokens": float(mask.sum()), "nll_sum": float(nll)}
@@ -300,7 +300,7 @@ class ActorWorker(Worker):
         cfg = self.cfg
         batch = pack_groups(groups, self.pad_id)
         adv = advantage(groups, batch).to(self.device)
-        batch = self._on_device(batch)
+        batch = batch.to(self.device)
         mask = batch.response_mask
         tokens = float(mask.sum())
         if tokens == 0:
@@ -338,7 +338,7 @@ class ActorWorker(Worker):
 
     def accumulate_sft(self, examples: list[Example]) -> dict[str, float]:
         """Forward/backward of one SFT micro-batch; adds the gradient of its summed response-token NLL."""
-        batch = self._on_device(pack_groups([self._sft_group(e) for e in examples], self.pad_id))
+        batch = pack_groups([self._sft_group(e) for e in examples], self.pad_id).to(self.device)
         mask = batch.response_mask
         tokens = float(mask.sum())
         if tokens == 0:
@@ -370,13 +370,6 @@ class ActorWorker(Worker):
             version=self.version,
             index=example.index,
         )
-
-    def _on_device(self, batch: PackedBatch) -> PackedBatch:
-        """The packed batch on this rank's device (channels deliver CPU tensors)."""
-        if self.device.type == "cpu":
-            return batch
-        moved = {f.name: getattr(batch, f.name) for f in fields(batch)}
-        return replace(batch, **{k: v.to(self.device) for k, v in moved.items() if isinstance(v, Tensor)})
 
     def _backward(self, loss: Tensor) -> None:
         if self.ds is not None:

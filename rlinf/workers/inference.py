@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,13 @@ class PackedBatch:
     response_mask: Tensor
     old_logprobs: Tensor
     ref_logprobs: Tensor | None = None
+
+    def to(self, device: torch.device) -> PackedBatch:
+        """The same batch on ``device`` (channels deliver CPU tensors)."""
+        if self.input_ids.device == device:
+            return self
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v.to(device) for k, v in moved.items() if isinstance(v, Tensor)})
 
 
 def pack_groups(groups: Sequence[Group], pad_id: int) -> PackedBatch:
@@ -96,10 +103,13 @@ def token_logprobs(model: Any, batch: PackedBatch, temperature: float) -> Tensor
     # logits at position p predict token p + 1: response token t sits at prompt_len + t.
     steps = torch.arange(r, device=batch.prompt_lens.device)
     pos = (batch.prompt_lens[:, None] - 1 + steps[None, :]).clamp(max=logits.shape[1] - 1)
-    picked = logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1])).float()
-    logp = torch.log_softmax(picked / temperature, dim=-1)
-    out = logp.gather(2, batch.response_ids[:, :, None]).squeeze(2)
-    return out * batch.response_mask
+    return _response_logprobs(logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1])), batch, temperature)
+
+
+def _response_logprobs(logits: Tensor, batch: PackedBatch, temperature: float) -> Tensor:
+    """Log-probs ``[B, R]`` of ``batch``'s response tokens from the logits ``[B, R, V]`` that predict them."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(2, batch.response_ids[:, :, None]).squeeze(2) * batch.response_mask
 
 
 def group_token_logprobs(model: Any, groups: Sequence[Group], batch: PackedBatch, temperature: float) -> Tensor:
@@ -140,9 +150,7 @@ def group_token_logprobs(model: Any, groups: Sequence[Group], batch: PackedBatch
         past_key_values=cache,
         use_cache=True,
     )
-    picked = torch.cat([first[:, None], cont.logits[:, :-1]], dim=1).float()
-    logp = torch.log_softmax(picked / temperature, dim=-1)
-    return logp.gather(2, batch.response_ids[:, :, None]).squeeze(2) * batch.response_mask
+    return _response_logprobs(torch.cat([first[:, None], cont.logits[:, :-1]], dim=1), batch, temperature)
 
 
 class InferenceWorker(Worker):
