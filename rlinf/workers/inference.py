@@ -203,7 +203,7 @@ class InferenceWorker(Worker):
     def ref_logprobs(self, groups: Sequence[Group]) -> list[Tensor]:
         """One forward pass over ``groups``; per group, ``[n, R]`` log-probs shaped like its ``logprobs``."""
         with torch.no_grad():
-            batch = pack_groups(groups, int(self.tokenizer.pad_token_id))
+            batch = pack_groups(groups, int(self.tokenizer.pad_token_id)).to(self.device)
             ref = group_token_logprobs(self.model, groups, batch, self.temperature)
         out, row = [], 0
         for g in groups:  # pack_groups lays out the samples group after group
