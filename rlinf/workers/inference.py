@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
 
 from rlinf.channel import Channel
 from rlinf.worker import Worker
@@ -103,24 +104,55 @@ def token_logprobs(model: Any, batch: PackedBatch, temperature: float) -> Tensor
     # logits at position p predict token p + 1: response token t sits at prompt_len + t.
     steps = torch.arange(r, device=batch.prompt_lens.device)
     pos = (batch.prompt_lens[:, None] - 1 + steps[None, :]).clamp(max=logits.shape[1] - 1)
-    return _response_logprobs(logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1])), batch, temperature)
+    picked = logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1]))
+    return _picked_logprobs(picked, batch.response_ids, batch.response_mask, temperature)
 
 
-def _response_logprobs(logits: Tensor, batch: PackedBatch, temperature: float) -> Tensor:
-    """Log-probs ``[B, R]`` of ``batch``'s response tokens from the logits ``[B, R, V]`` that predict them."""
+def _picked_logprobs(logits: Tensor, ids: Tensor, mask: Tensor, temperature: float) -> Tensor:
+    """``log_softmax(logits / temperature)`` at ``ids`` (``[B, R]``), zero where ``mask`` is false."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(2, batch.response_ids[:, :, None]).squeeze(2) * batch.response_mask
+    return logp.gather(2, ids[:, :, None]).squeeze(2) * mask
+
+
+def length_buckets(lengths: Sequence[int], row_cost: int = 8) -> list[list[int]]:
+    """Splits samples into buckets of similar length, each to run as one right-padded forward pass.
+
+    A bucket costs its size times its longest length (padded token rows) plus ``row_cost`` rows for
+    the pass itself; the split minimises the total over buckets of samples sorted by length (dynamic
+    programming, exact). Samples of length 0 are left out.
+
+    Args:
+        lengths: the number of tokens each sample feeds.
+        row_cost: the fixed cost of one more forward pass, in token rows.
+
+    Returns:
+        sample indices per bucket, shortest bucket first, each bucket sorted by length.
+    """
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: lengths[i])
+    n = len(order)
+    best = [0] + [0] * n  # best[j]: cheapest split of the j shortest samples
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = lengths[order[j - 1]]
+        best[j], cut[j] = min((best[i] + (j - i) * longest + row_cost, i) for i in range(j))
+    buckets, j = [], n
+    while j > 0:
+        buckets.append(order[cut[j] : j])
+        j = cut[j]
+    return buckets[::-1]
 
 
 def group_token_logprobs(model: Any, groups: Sequence[Group], batch: PackedBatch, temperature: float) -> Tensor:
     """``token_logprobs(model, batch, temperature)`` for ``batch = pack_groups(groups)``, each group's
-    prompt computed once instead of once per sample.
+    prompt computed once instead of once per sample, and responses without most of their padding.
 
-    The prompts go through ``model`` as one batch with the key/value cache on; each sample's response
-    then continues from its group's cached prompt (cache rows picked per sample, which carries the
-    gradient of every sample back to the shared prompt pass). Same numbers up to rounding; a group of
-    ``n`` samples spends ``1/n`` of the prompt's compute. Groups of one sample gain nothing, and then
-    this is ``token_logprobs``.
+    The prompts go through ``model`` as one left-padded batch with the key/value cache on; only their
+    last position's logits are computed (``logits_to_keep=1``), which predict each response's first
+    token. Each sample's response then continues from a copy of its group's cached prompt (the copies
+    carry the gradient of every sample back to the shared prompt pass). The continuations run in
+    buckets of similar length (:func:`length_buckets`), so one long response does not pad every other
+    one to its length, and a response's last token, which predicts nothing, is not fed. Same numbers
+    up to rounding. Groups of one sample gain nothing, and then this is ``token_logprobs``.
     """
     sizes = torch.tensor([g.response_ids.shape[0] for g in groups])
     if int(sizes.max()) <= 1:
@@ -130,27 +162,33 @@ def group_token_logprobs(model: Any, groups: Sequence[Group], batch: PackedBatch
     width = int(plens.max())
     prompts = torch.zeros((len(groups), width), dtype=torch.long, device=device)  # padding is masked out
     pmask = torch.zeros((len(groups), width), dtype=torch.long, device=device)
-    for i, g in enumerate(groups):  # right-padded: the positions of real tokens start at 0
-        prompts[i, : plens[i]] = g.prompt_ids.to(device)
-        pmask[i, : plens[i]] = 1
-    out = model(input_ids=prompts, attention_mask=pmask, use_cache=True)
+    for i, g in enumerate(groups):  # left-padded: every prompt's last token sits at the last position
+        prompts[i, width - int(plens[i]) :] = g.prompt_ids.to(device)
+        pmask[i, width - int(plens[i]) :] = 1
+    positions = (pmask.cumsum(dim=1) - 1).clamp(min=0)
+    out = model(input_ids=prompts, attention_mask=pmask, position_ids=positions, use_cache=True, logits_to_keep=1)
     rows = torch.repeat_interleave(torch.arange(len(groups), device=device), sizes.to(device))
-    cache = out.past_key_values
-    cache.batch_select_indices(rows)  # one cache row per sample
-    first = out.logits[rows, plens[rows] - 1]  # the logits that predict each response's first token
-    r = batch.response_ids.shape[1]
-    steps = torch.arange(r, device=device)
+    first = out.logits[rows, -1]  # the logits that predict each response's first token
     lengths = batch.response_mask.sum(dim=1)
-    attention = torch.cat([pmask[rows], (steps[None, :] < lengths[:, None]).long()], dim=1)
-    # response token t sits at position prompt_len + t; the cache's padding slots are masked out
-    cont = model(
-        input_ids=batch.response_ids,
-        attention_mask=attention,
-        position_ids=plens[rows, None] + steps[None, :],
-        past_key_values=cache,
-        use_cache=True,
-    )
-    return _response_logprobs(torch.cat([first[:, None], cont.logits[:, :-1]], dim=1), batch, temperature)
+    result = torch.zeros(batch.response_ids.shape, dtype=torch.float32, device=device)
+    for bucket in length_buckets([int(n) for n in lengths]):
+        idx = torch.tensor(bucket, device=device)
+        r = int(lengths[idx].max())
+        logits = first[idx, None]
+        if r > 1:  # tokens 0 .. r-2 predict tokens 1 .. r-1
+            steps = torch.arange(r - 1, device=device)
+            cache = DynamicCache([(k[rows[idx]], v[rows[idx]], *rest) for k, v, *rest in out.past_key_values])
+            cont = model(
+                input_ids=batch.response_ids[idx, : r - 1],
+                attention_mask=torch.cat([pmask[rows[idx]], (steps[None] < lengths[idx, None]).long()], dim=1),
+                position_ids=plens[rows[idx], None] + steps[None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = torch.cat([logits, cont.logits], dim=1)
+        ids = batch.response_ids[idx, :r]
+        result[idx, :r] = _picked_logprobs(logits, ids, batch.response_mask[idx, :r], temperature)
+    return result
 
 
 class InferenceWorker(Worker):

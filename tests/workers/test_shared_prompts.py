@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlinf.models import build_tiny_model
-from rlinf.workers.inference import group_token_logprobs, pack_groups, token_logprobs
+from rlinf.workers.inference import group_token_logprobs, length_buckets, pack_groups, token_logprobs
 from rlinf.workers.rollout import Group, HFEngine, load_model
 
 
@@ -59,6 +59,45 @@ def test_groups_of_one_sample_take_the_packed_path(model_dir):
         out = group_token_logprobs(counted, groups, batch, 1.0)
     assert len(calls) == 1 and "past_key_values" not in calls[0]
     torch.testing.assert_close(out, token_logprobs(model, batch, 1.0))
+
+
+def test_length_buckets_minimise_padded_rows_plus_a_cost_per_pass():
+    lengths = [5, 5, 6, 6, 14, 0, 9]
+    # sorted: 5 5 6 6 9 14. One pass: 6*14 + 8 = 92; {5 5 6 6}{9 14}: 4*6 + 8 + 2*14 + 8 = 68, the least
+    assert length_buckets(lengths, row_cost=8) == [[0, 1, 2, 3], [6, 4]]
+    assert length_buckets(lengths, row_cost=100) == [[0, 1, 2, 3, 6, 4]]
+    assert length_buckets(lengths, row_cost=0) == [[0, 1], [2, 3], [6], [4]]  # no padding at all
+    assert length_buckets([0, 0]) == []
+
+
+def test_continuations_run_in_length_buckets_and_skip_one_token_responses(model_dir):
+    model, tok = load_model(model_dir, "float32", torch.device("cpu"))
+    pad, vocab = int(tok.pad_token_id), int(model.config.vocab_size)
+    gen = torch.Generator().manual_seed(5)
+
+    def group(lengths: list[int]) -> Group:
+        n, r = len(lengths), max(lengths)
+        mask = torch.arange(r)[None] < torch.tensor(lengths)[:, None]
+        resp = torch.where(mask, torch.randint(3, vocab, (n, r), generator=gen), pad)
+        prompt = torch.randint(3, vocab, (4,), generator=gen)
+        return Group(prompt, resp, mask, torch.zeros(n, r), ("",) * n, (False,) * n, ("",) * n, None, 0)
+
+    for lengths, shapes in [
+        ([[1, 1], [1, 1, 1]], [(2, 4)]),  # every response is one token: the prompt pass predicts them all
+        ([[2, 2, 30], [2, 0]], [(2, 4), (3, 1), (1, 29)]),  # one long response does not pad the others
+    ]:
+        groups = [group(x) for x in lengths]
+        batch = pack_groups(groups, pad)
+        seen: list[tuple[int, ...]] = []
+
+        def counted(seen: list = seen, **kw):  # type: ignore[no-untyped-def]
+            seen.append(tuple(kw["input_ids"].shape))
+            return model(**kw)
+
+        with torch.no_grad():
+            out = group_token_logprobs(counted, groups, batch, 1.0)
+            torch.testing.assert_close(out, token_logprobs(model, batch, 1.0), atol=1e-5, rtol=1e-5)
+        assert seen == shapes
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
