@@ -26,12 +26,17 @@ table prints both costs, measured alone in a worker on slot 1. Rows:
                        with 256 and 16 envs (256 envs take minutes to create)
     PushCube-v1 state  8 envs, 64x64 MLP: the policy costs next to nothing beside the physics
 
-The policy width is chosen at start-up from a ladder of widths (the widest whose act on one stage
-still fits in one stage's simulation), because the two costs shift differently with the machine and
-its load. Both costs are measured in a worker process on the policy's CPU slot, where the policy will
-run: the same CartPole act on 1,024 observations took 14.5-17 ms there against 12.6-13.7 ms in a bare
-process (the worker shares its core with the cluster's own processes), so sizing in the launching
-process overshot, and the hybrid run then waited on the policy.
+The policy width is chosen at start-up from a ladder of widths, refined in steps of 8 (the widest
+whose act on one stage fits in ``FIT`` of one stage's simulation), because the two costs shift
+differently with the machine and its load. Both costs are measured in a worker process on the
+policy's CPU slot, where the policy will run: the same CartPole act on 1,024 observations took
+14.5-17 ms there against 12.6-13.7 ms in a bare process (the worker shares its core with the
+cluster's own processes), so sizing in the launching process overshot, and the hybrid run then
+waited on the policy. The two stages also slow each other when they run side by side on the two
+cores (beside the simulation the PushCube transformer's act took 5-29% longer than alone, CartPole's
+MLP's 10-25%; CartPole's envs stepped ~15% slower beside the MLP), which the synchronous loop, using
+one core at a time, does not pay; ``FIT`` leaves the act a little short of the simulation so that
+neither side waits much.
 
     python benchmarks/env_pipeline.py [--repeats 3] [--steps 40]
         [--tasks cartpole,pushcube,pushcube256,pushcube16,pushcube_small]
@@ -57,6 +62,7 @@ from rlinf.workers.env import EnvWorker, merge_env_metrics
 
 # ~10% apart (multiples of 32): the width picked leaves a stage's act within ~20% of a stage's simulation
 WIDTHS = tuple(sorted({round(64 * 1.1**k / 32) * 32 for k in range(49)}))  # 64 .. 6208
+FIT = 0.95  # of one stage's simulation that one stage's act may take, measured alone (see the docstring)
 PUSHCUBE = EnvConfig(
     kind="maniskill", id="PushCube-v1", num_envs=8, control_mode="pd_ee_delta_pos", vectorization="loop"
 )
@@ -118,7 +124,7 @@ def size_policy(task: Task, n: int = 10) -> tuple[PolicyConfig, float, float, fl
     all envs, of one act on all their observations and of one act on half of them (one stage's share
     with S=2), measured alone in the calling process (one thread per CPU slot in a worker).
 
-    The width is the widest whose act on one stage's observations costs at most one stage's
+    The width is the widest whose act on one stage's observations costs at most ``FIT`` of one stage's
     simulation: pipelining hides a stage's act behind the other stage's simulation, all of it up to
     that width and less and less beyond. (A small batch keeps a wide MLP memory-bound, so half the
     observations need not cost half the time, and overshooting costs twice.)
@@ -130,13 +136,24 @@ def size_policy(task: Task, n: int = 10) -> tuple[PolicyConfig, float, float, fl
     sim = _ms(lambda: env.step(actions), n)
     cfg = task.policy
     if task.sized is not None:
-        cfg = task.sized(task.policy, WIDTHS[0])
+        sized = task.sized
+
+        def fits(width: int) -> bool:
+            policy = build_policy(sized(task.policy, width), env.observation_space, env.action_space)
+            return _ms(lambda: policy.act(half), n) <= FIT * sim / 2
+
+        # the ladder, then steps of 8 between the widest that fits and the next one up (~2% apart)
+        best, above = WIDTHS[0], WIDTHS[-1]
         for width in WIDTHS:
-            wider = task.sized(task.policy, width)
-            policy = build_policy(wider, env.observation_space, env.action_space)
-            if _ms(lambda p=policy: p.act(half), n) > sim / 2:
+            if not fits(width):
+                above = width
                 break
-            cfg = wider
+            best = width
+        for width in range(best + 8, above, 8):
+            if not fits(width):
+                break
+            best = width
+        cfg = sized(task.policy, best)
     policy = build_policy(cfg, env.observation_space, env.action_space)
     act, act_half = _ms(lambda: policy.act(obs), n), _ms(lambda: policy.act(half), n)
     env.close()
