@@ -171,18 +171,26 @@ def group_token_logprobs(model: Any, groups: Sequence[Group], batch: PackedBatch
     first = out.logits[rows, -1]  # the logits that predict each response's first token
     lengths = batch.response_mask.sum(dim=1)
     result = torch.zeros(batch.response_ids.shape, dtype=torch.float32, device=device)
-    for bucket in length_buckets([int(n) for n in lengths]):
+    cache = out.past_key_values
+    counts = [int(n) for n in lengths]
+    copyable = isinstance(cache, DynamicCache)  # other cache kinds are narrowed once, in place, for one bucket
+    buckets = length_buckets(counts) if copyable else [[i for i, n in enumerate(counts) if n > 0]]
+    for bucket in (b for b in buckets if b):
         idx = torch.tensor(bucket, device=device)
         r = int(lengths[idx].max())
         logits = first[idx, None]
         if r > 1:  # tokens 0 .. r-2 predict tokens 1 .. r-1
             steps = torch.arange(r - 1, device=device)
-            cache = DynamicCache([(k[rows[idx]], v[rows[idx]], *rest) for k, v, *rest in out.past_key_values])
+            if copyable:
+                past = DynamicCache([(k[rows[idx]], v[rows[idx]], *rest) for k, v, *rest in cache])
+            else:
+                past = cache
+                past.batch_select_indices(rows[idx])
             cont = model(
                 input_ids=batch.response_ids[idx, : r - 1],
                 attention_mask=torch.cat([pmask[rows[idx]], (steps[None] < lengths[idx, None]).long()], dim=1),
                 position_ids=plens[rows[idx], None] + steps[None],
-                past_key_values=cache,
+                past_key_values=past,
                 use_cache=True,
             )
             logits = torch.cat([logits, cont.logits], dim=1)

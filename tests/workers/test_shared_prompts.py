@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rlinf.models import build_tiny_model
+from rlinf.workers import inference
 from rlinf.workers.inference import group_token_logprobs, length_buckets, pack_groups, token_logprobs
 from rlinf.workers.rollout import Group, HFEngine, load_model
 
@@ -98,6 +99,27 @@ def test_continuations_run_in_length_buckets_and_skip_one_token_responses(model_
             out = group_token_logprobs(counted, groups, batch, 1.0)
             torch.testing.assert_close(out, token_logprobs(model, batch, 1.0), atol=1e-5, rtol=1e-5)
         assert seen == shapes
+
+
+def test_a_cache_that_cannot_be_copied_per_bucket_is_narrowed_once(model_dir, monkeypatch):
+    model, tok = load_model(model_dir, "float32", torch.device("cpu"))
+    groups = _groups(int(model.config.vocab_size), int(tok.pad_token_id))
+    batch = pack_groups(groups, int(tok.pad_token_id))
+
+    class OtherCache:  # the model's cache is no longer recognised as a DynamicCache
+        pass
+
+    monkeypatch.setattr(inference, "DynamicCache", OtherCache)
+    seen: list[tuple[int, ...]] = []
+
+    def counted(seen: list = seen, **kw):  # type: ignore[no-untyped-def]
+        seen.append(tuple(kw["input_ids"].shape))
+        return model(**kw)
+
+    with torch.no_grad():
+        out = group_token_logprobs(counted, groups, batch, 0.7)
+        torch.testing.assert_close(out, token_logprobs(model, batch, 0.7), atol=1e-5, rtol=1e-5)
+    assert len(seen) == 2  # the prompts, then every non-empty response in one pass
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
