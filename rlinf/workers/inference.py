@@ -130,7 +130,7 @@ def length_buckets(lengths: Sequence[int], row_cost: int = 8) -> list[list[int]]
     """
     order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: lengths[i])
     n = len(order)
-    best = [0] + [0] * n  # best[j]: cheapest split of the j shortest samples
+    best = [0] * (n + 1)  # best[j]: cost of the cheapest split of the j shortest samples
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
         longest = lengths[order[j - 1]]
