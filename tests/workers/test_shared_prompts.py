@@ -62,6 +62,22 @@ def test_groups_of_one_sample_take_the_packed_path(model_dir):
     torch.testing.assert_close(out, token_logprobs(model, batch, 1.0))
 
 
+def _shared_pass_shapes(model, groups: list[Group], pad: int) -> list[tuple[int, ...]]:
+    """The ``input_ids`` shapes of the forward passes ``group_token_logprobs`` makes; checks its log-probs
+    against the per-sample layout on the way."""
+    batch = pack_groups(groups, pad)
+    seen: list[tuple[int, ...]] = []
+
+    def counted(**kw):  # type: ignore[no-untyped-def]
+        seen.append(tuple(kw["input_ids"].shape))
+        return model(**kw)
+
+    with torch.no_grad():
+        out = group_token_logprobs(counted, groups, batch, 0.7)
+        torch.testing.assert_close(out, token_logprobs(model, batch, 0.7), atol=1e-5, rtol=1e-5)
+    return seen
+
+
 def test_length_buckets_minimise_padded_rows_plus_a_cost_per_pass():
     lengths = [5, 5, 6, 6, 14, 0, 9]
     # sorted: 5 5 6 6 9 14. One pass: 6*14 + 8 = 92; {5 5 6 6}{9 14}: 4*6 + 8 + 2*14 + 8 = 68, the least
@@ -88,38 +104,19 @@ def test_continuations_run_in_length_buckets_and_skip_one_token_responses(model_
         ([[2, 2, 30], [2, 0]], [(2, 4), (3, 1), (1, 29)]),  # one long response does not pad the others
     ]:
         groups = [group(x) for x in lengths]
-        batch = pack_groups(groups, pad)
-        seen: list[tuple[int, ...]] = []
-
-        def counted(seen: list = seen, **kw):  # type: ignore[no-untyped-def]
-            seen.append(tuple(kw["input_ids"].shape))
-            return model(**kw)
-
-        with torch.no_grad():
-            out = group_token_logprobs(counted, groups, batch, 1.0)
-            torch.testing.assert_close(out, token_logprobs(model, batch, 1.0), atol=1e-5, rtol=1e-5)
-        assert seen == shapes
+        assert _shared_pass_shapes(model, groups, pad) == shapes
 
 
 def test_a_cache_that_cannot_be_copied_per_bucket_is_narrowed_once(model_dir, monkeypatch):
     model, tok = load_model(model_dir, "float32", torch.device("cpu"))
     groups = _groups(int(model.config.vocab_size), int(tok.pad_token_id))
-    batch = pack_groups(groups, int(tok.pad_token_id))
 
     class OtherCache:  # the model's cache is no longer recognised as a DynamicCache
         pass
 
     monkeypatch.setattr(inference, "DynamicCache", OtherCache)
-    seen: list[tuple[int, ...]] = []
-
-    def counted(seen: list = seen, **kw):  # type: ignore[no-untyped-def]
-        seen.append(tuple(kw["input_ids"].shape))
-        return model(**kw)
-
-    with torch.no_grad():
-        out = group_token_logprobs(counted, groups, batch, 0.7)
-        torch.testing.assert_close(out, token_logprobs(model, batch, 0.7), atol=1e-5, rtol=1e-5)
-    assert len(seen) == 2  # the prompts, then every non-empty response in one pass
+    # the prompts, then every non-empty response in one pass
+    assert len(_shared_pass_shapes(model, groups, int(tok.pad_token_id))) == 2
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
