@@ -111,8 +111,8 @@ def test_a_cache_that_cannot_be_copied_per_bucket_is_narrowed_once(model_dir, mo
     model, tok = load_model(model_dir, "float32", torch.device("cpu"))
     groups = _groups(int(model.config.vocab_size), int(tok.pad_token_id))
 
-    class OtherCache:  # the model's cache is no longer recognised as a DynamicCache
-        pass
+    class OtherCache:
+        """Stands in for DynamicCache, so the model's real cache is no longer recognised as one."""
 
     monkeypatch.setattr(inference, "DynamicCache", OtherCache)
     # the prompts, then every non-empty response in one pass
