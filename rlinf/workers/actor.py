@@ -122,7 +122,7 @@ class ActorWorker(Worker):
                 f"but model.dtype={dtype!r}; set model.dtype=float32 for mixed precision, or actor.autocast=none."
             )
         torch.manual_seed(cfg.seed)  # same on every rank: LoRA's initial adapters must agree
-        model, self.tokenizer = load_model(model_dir, dtype, self.device)
+        model, self.tokenizer = load_model(model_dir, dtype, self.device, cfg.attention_kernel(self.device.type))
         if cfg.lora_rank > 0:
             model = add_lora(model, cfg)
         model.train()

@@ -149,6 +149,10 @@ class ActorConfig:
             matrix products in bfloat16 under ``torch.autocast`` while weights, gradients and the
             optimizer state stay in ``model.dtype`` (float32). Faster on CUDA GPUs from Ampere on and
             on CPUs with bfloat16 instructions (AVX512-BF16, AMX); slower on other CPUs.
+        attention: the attention kernel, ``sdpa`` (torch's fused scaled-dot-product attention), ``eager``
+            (plain batched products and softmax), or ``auto``: ``eager`` for ``autocast=bfloat16`` on
+            CPU, where torch's fused kernel runs its backward pass in bfloat16 about ten times slower
+            than in float32, and ``sdpa`` everywhere else.
     """
 
     lr: float = 1e-4
@@ -169,8 +173,20 @@ class ActorConfig:
     backend: Literal["torch", "deepspeed"] = "torch"
     zero_stage: Literal[1, 2, 3] = 2
     autocast: Literal["none", "bfloat16"] = "none"
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
+
+    def attention_kernel(self, device_type: str) -> str:
+        """The attention kernel ``attention`` resolves to on a ``device_type`` (``cpu``, ``cuda``) device."""
+        if self.attention != "auto":
+            return self.attention
+        return "eager" if self.autocast == "bfloat16" and device_type == "cpu" else "sdpa"
 
     def __post_init__(self) -> None:
+        if self.attention not in ("auto", "sdpa", "eager"):
+            raise ConfigError(
+                f"actor.attention={self.attention!r} is not 'auto', 'sdpa' or 'eager'; 'auto' picks the faster "
+                f"kernel for the device and precision."
+            )
         if self.autocast not in ("none", "bfloat16"):
             raise ConfigError(
                 f"actor.autocast={self.autocast!r} is not 'none' or 'bfloat16'; use bfloat16 for mixed precision "

@@ -97,14 +97,20 @@ def rank_share(total: int, rank: int, world_size: int) -> int:
     return total // world_size + (1 if rank < total % world_size else 0)
 
 
-def load_model(model_dir: str | Path, dtype: str, device: torch.device) -> tuple[Any, Any]:
-    """Loads a causal LM and its tokenizer from a local directory (offline)."""
+def load_model(model_dir: str | Path, dtype: str, device: torch.device, attention: str = "sdpa") -> tuple[Any, Any]:
+    """Loads a causal LM and its tokenizer from a local directory (offline).
+
+    Args:
+        attention: the transformers attention kernel, ``sdpa`` (torch's fused kernels) or ``eager``.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=getattr(torch, dtype), attn_implementation=attention
+    )
     model.to(device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

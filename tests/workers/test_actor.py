@@ -345,6 +345,16 @@ def test_bfloat16_autocast_keeps_float32_weights_and_takes_about_the_float32_ste
     assert moved.sum() > 1000 and agree > 0.8, agree
 
 
+def test_attention_kernel_is_eager_only_for_bfloat16_on_cpu():
+    assert ActorConfig().attention_kernel("cpu") == "sdpa"
+    assert ActorConfig(autocast="bfloat16").attention_kernel("cpu") == "eager"
+    assert ActorConfig(autocast="bfloat16").attention_kernel("cuda") == "sdpa"
+    assert ActorConfig(autocast="bfloat16", attention="sdpa").attention_kernel("cpu") == "sdpa"
+    assert ActorConfig(attention="eager").attention_kernel("cuda") == "eager"
+    with pytest.raises(ConfigError, match="actor.attention='flash'.*'auto'"):
+        ActorConfig(attention="flash")  # type: ignore[arg-type]
+
+
 def test_actor_config_rejects_bad_elastic_and_lora_values():
     with pytest.raises(ConfigError, match="autocast='float16'"):
         ActorConfig(autocast="float16")  # type: ignore[arg-type]

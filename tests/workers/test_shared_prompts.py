@@ -31,8 +31,10 @@ def _groups(vocab: int, pad: int) -> list[Group]:
     return groups
 
 
-def test_group_logprobs_and_gradients_equal_the_packed_ones(model_dir):
-    model, tok = load_model(model_dir, "float32", torch.device("cpu"))
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_group_logprobs_and_gradients_equal_the_packed_ones(model_dir, attention):
+    model, tok = load_model(model_dir, "float32", torch.device("cpu"), attention)
+    assert model.config._attn_implementation == attention
     groups = _groups(int(model.config.vocab_size), int(tok.pad_token_id))
     batch = pack_groups(groups, int(tok.pad_token_id))
 
