@@ -153,11 +153,20 @@ class ActorWorker(Worker):
 
     def _forward(self, **inputs: Any) -> Any:
         model = self.ds.engine if self.ds else self.model
+        with self._precision():
+            return model(**inputs)
+
+    def _precision(self) -> contextlib.AbstractContextManager[Any]:
+        """The forward passes' autocast region (nothing without ``actor.autocast``).
+
+        Backward runs in the dtypes the forward recorded, so only forward passes sit in it. Autocast
+        keeps its low-precision copies of the weights until the outermost region ends, so the passes
+        of one micro-batch (the prompts, then each length bucket) go in one region and cast the
+        weights once.
+        """
         if self.cfg.autocast == "none":
-            return model(**inputs)
-        # backward runs in the dtypes the forward recorded, so only the forward sits in the context
-        with torch.autocast(self.device.type, dtype=getattr(torch, self.cfg.autocast)):
-            return model(**inputs)
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.cfg.autocast))
 
     # ---- training --------------------------------------------------------------------------------
 
@@ -310,7 +319,8 @@ class ActorWorker(Worker):
         if tokens == 0:
             self._empty_pass_if_collective()
             return {"tokens": 0.0}
-        logprobs = group_token_logprobs(self._forward, groups, batch, self.temperature)
+        with self._precision():
+            logprobs = group_token_logprobs(self._forward, groups, batch, self.temperature)
         loss, m = ppo_clip_loss(
             logprobs,
             batch.old_logprobs,

@@ -351,7 +351,7 @@ def test_attention_kernel_is_eager_only_for_bfloat16_on_cpu():
     assert ActorConfig(autocast="bfloat16").attention_kernel("cuda") == "sdpa"
     assert ActorConfig(autocast="bfloat16", attention="sdpa").attention_kernel("cpu") == "sdpa"
     assert ActorConfig(attention="eager").attention_kernel("cuda") == "eager"
-    with pytest.raises(ConfigError, match="actor.attention='flash'.*'auto'"):
+    with pytest.raises(ConfigError, match=r"actor.attention='flash'.*'auto'"):
         ActorConfig(attention="flash")  # type: ignore[arg-type]
 
 
