@@ -5,7 +5,8 @@ steps of rlinf's SFT on the gold answers so that GRPO sees rewards; 0 keeps it r
 the generated one-digit addition task: the same prompts in the same order, ``--prompts`` prompts x
 ``--group`` samples per step, ``--tokens`` new tokens at most, temperature 1, one AdamW step per batch (lr, clipping and
 epsilon equal), no KL term, token-level loss normalisation on both sides, float32 on both sides
-(``--bf16``: bfloat16 mixed precision in training on both sides),
+(``--bf16``: bfloat16 mixed precision on both sides, TRL's default: TRL's ``bf16``, which autocasts
+its training and its generation, against rlinf's ``actor.autocast`` and ``rollout.autocast``),
 the whole batch in one forward/backward pass on both sides (rlinf's ``actor.micro_batch_groups``
 set to the batch) and no activation recomputation (TRL's ``gradient_checkpointing``, on by default
 in TRL, is turned off; ``--trl-gradient-checkpointing`` turns it back on). TRL runs in one process
@@ -202,6 +203,7 @@ def run_rlinf(s: dict) -> dict:
         f"actor.micro_batch_groups={s['micro_batch_groups']}",
         "actor.min_micro_batch_groups=1",
         f"actor.autocast={'bfloat16' if s['bf16'] else 'none'}",
+        f"rollout.autocast={'bfloat16' if s['bf16'] else 'none'}",
         *PLACEMENTS[s["placement"]],
     ]
     cfg = load_config(grpo.GRPOConfig, root / "examples" / "grpo_math_tiny.yaml", overrides)
@@ -268,7 +270,8 @@ def main() -> None:
     parser.add_argument(
         "--bf16",
         action="store_true",
-        help="mixed precision on both sides: TRL's bf16 (its default), rlinf's actor.autocast=bfloat16",
+        help="mixed precision on both sides: TRL's bf16 (its default), rlinf's actor.autocast=bfloat16 and "
+        "rollout.autocast=bfloat16",
     )
     parser.add_argument(
         "--warm-start-steps",

@@ -83,6 +83,10 @@ class RolloutConfig:
         vllm_cpu_kvcache_gb: GiB of KV cache vLLM-CPU reserves per engine (CPU only; its own default, 4,
             is more than a small model on a laptop needs). ``VLLM_CPU_KVCACHE_SPACE`` in the
             environment wins.
+        autocast: ``none``, or ``bfloat16``: the ``hf`` engine samples under ``torch.autocast``
+            (matrix products in bfloat16, weights kept in ``model.dtype``), as the actor's
+            ``actor.autocast`` trains; the sampled tokens' log-probs then carry bfloat16 rounding.
+            vLLM computes in ``model.dtype``.
     """
 
     engine: Engine = "hf"
@@ -97,8 +101,18 @@ class RolloutConfig:
     vllm_max_model_len: int = 1024
     vllm_gpu_memory_utilization: float = 0.5
     vllm_cpu_kvcache_gb: int = 1
+    autocast: Literal["none", "bfloat16"] = "none"
 
     def __post_init__(self) -> None:
+        if self.autocast not in ("none", "bfloat16"):
+            raise ConfigError(
+                f"rollout.autocast={self.autocast!r} is not 'none' or 'bfloat16'; use bfloat16 for mixed precision."
+            )
+        if self.autocast != "none" and self.engine == "vllm":
+            raise ConfigError(
+                f"rollout.autocast={self.autocast!r} applies to the hf engine; vLLM computes in model.dtype. "
+                f"Set rollout.autocast=none with rollout.engine=vllm."
+            )
         if self.group_size < 1:
             raise ConfigError(f"rollout.group_size={self.group_size} must be >= 1; GRPO needs >= 2, e.g. 4.")
         if self.batch_prompts < 1:

@@ -9,6 +9,7 @@ log-probs) it is, so keep ``top_p: 1.0`` with vLLM when the exact ratio matters.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -129,10 +130,11 @@ class Sampled:
 class HFEngine:
     """transformers ``generate`` with sampling; log-probs from the raw logits it returns."""
 
-    def __init__(self, model_dir: str | Path, dtype: str, device: torch.device) -> None:
+    def __init__(self, model_dir: str | Path, dtype: str, device: torch.device, autocast: str = "none") -> None:
         self.model, self.tokenizer = load_model(model_dir, dtype, device)
         self.model.eval()
         self.device = device
+        self.autocast = autocast
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
 
     def generate(
@@ -169,7 +171,13 @@ class HFEngine:
         if pad != eos:
             options["suppress_tokens"] = [pad]  # a pad token then marks only the filler after the end
         ids, attn = ids.to(self.device), attn.to(self.device)
-        with torch.no_grad():
+        # one autocast region for the whole call: the weights are cast to bfloat16 once, not every token
+        precision = (
+            torch.autocast(self.device.type, dtype=getattr(torch, self.autocast))
+            if self.autocast != "none"
+            else contextlib.nullcontext()
+        )
+        with torch.no_grad(), precision:
             if n > 1 and width > 1:
                 # each prompt's prefix once: its n samples continue from copies of that prompt's cache
                 options.update(num_return_sequences=1, past_key_values=self._prefill(ids[:, :-1], attn[:, :-1], n))
@@ -417,7 +425,7 @@ class RolloutWorker(Worker):
         if cfg.engine == "vllm":
             self.engine = VLLMEngine(model_dir, dtype, self.device, cfg)
         else:
-            self.engine = HFEngine(model_dir, dtype, self.device)
+            self.engine = HFEngine(model_dir, dtype, self.device, cfg.autocast)
         self.tokenizer = self.engine.tokenizer
 
     def generate(

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from rlinf import Channel
+from rlinf.errors import ConfigError
 from rlinf.models import build_tiny_model
 from rlinf.workers.config import RolloutConfig
 from rlinf.workers.inference import pack_groups, token_logprobs
-from rlinf.workers.rollout import Prompt, RolloutWorker, VLLMEngine, load_model
+from rlinf.workers.rollout import HFEngine, Prompt, RolloutWorker, VLLMEngine, load_model
 
 from ..conftest import needs_vllm
 
@@ -55,6 +56,36 @@ def test_generate_streams_groups_with_logprobs_matching_the_actor(fresh_groups, 
         recomputed = token_logprobs(model, batch, temperature=0.8)
     assert batch.response_mask.sum() > 0
     assert torch.allclose(recomputed[batch.response_mask], batch.old_logprobs[batch.response_mask], atol=1e-4)
+
+
+def test_hf_engine_under_bfloat16_autocast_samples_with_bfloat16_logprobs(model_dir):
+    prompts = [[5, 9, 11, 7, 4], [8, 3, 6]]
+    engine = HFEngine(model_dir, "float32", torch.device("cpu"), autocast="bfloat16")
+    seen: list[torch.dtype] = []
+    hook = engine.model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    torch.manual_seed(3)
+    sampled = engine.generate(prompts, 4, 1.0, 1.0, 8, [])
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in engine.model.parameters())  # weights stay float32
+
+    # the sampled tokens' log-probs, recomputed in float32 with the whole sequence at once
+    model = engine.model
+    for prompt, s in zip(prompts, sampled, strict=True):
+        for tokens, lps in zip(s.tokens, s.logprobs, strict=True):
+            ids = torch.tensor([prompt + tokens])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+            exact = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
+            # bfloat16 keeps 8 bits of mantissa: the log-probs agree to a few hundredths, not 1e-5
+            torch.testing.assert_close(torch.tensor(lps), exact, atol=0.08, rtol=0)
+
+
+def test_rollout_autocast_is_validated():
+    with pytest.raises(ConfigError, match=r"rollout.autocast='float16'"):
+        RolloutConfig(autocast="float16")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"applies to the hf engine.*rollout.autocast=none"):
+        RolloutConfig(engine="vllm", autocast="bfloat16")
 
 
 def test_vllm_engine_without_vllm_names_the_fix(model_dir):
