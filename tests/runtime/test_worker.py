@@ -6,6 +6,7 @@ import asyncio
 import os
 import resource
 import signal
+import statistics
 import threading
 import time
 
@@ -87,9 +88,10 @@ def test_calls_run_on_one_pinned_thread_whose_freed_memory_stays_warm(fresh_grou
     assert threads == {info["thread"]}
     assert info["affinity"] == list(cluster.devices[1].cores)
     # 64 MiB: the first call faults its pages in (16,384 of 4 KiB); the later ones reuse most of them
-    # (with glibc's defaults every call faulted all 16,384 in again)
+    # (with glibc's defaults every call faulted all 16,384 in again). The median, as the kernel may
+    # reclaim idle pages of a busy machine between two calls.
     assert faults[0] > 8000, faults
-    assert max(faults[1:]) < faults[0] / 4, faults
+    assert statistics.median(faults[1:]) < faults[0] / 4, faults
 
 
 def test_handle_timings_done_and_narrowed_calls(fresh_groups):
