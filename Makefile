@@ -11,7 +11,7 @@ export RAY_DEDUP_LOGS ?= 0
 setup:
 	@bash scripts/setup.sh
 
-# GRPO on SmolLM2-135M-Instruct, one-digit addition: held-out accuracy before and after (~9 min).
+# GRPO on SmolLM2-135M-Instruct, one-digit addition: held-out accuracy before and after (~8 min).
 demo: setup
 	.venv/bin/rlinf run grpo examples/grpo_math_smollm2.yaml
 
