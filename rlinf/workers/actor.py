@@ -43,7 +43,7 @@ from rlinf.workers.config import ActorConfig
 from rlinf.workers.inference import PackedBatch, group_token_logprobs, pack_groups, token_logprobs
 from rlinf.workers.lora import add_lora, merged_state
 from rlinf.workers.micro_batch import ElasticPull
-from rlinf.workers.rollout import Group, RolloutWorker, load_model, rank_share
+from rlinf.workers.rollout import Group, RolloutWorker, autocast_region, load_model, rank_share
 from rlinf.workers.weights import export_state, move_training_state, publish_state, send_state
 from rlinf.workers.zero import DeepSpeedBackend, require_deepspeed
 
@@ -164,9 +164,7 @@ class ActorWorker(Worker):
         of one micro-batch (the prompts, then each length bucket) go in one region and cast the
         weights once.
         """
-        if self.cfg.autocast == "none":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=getattr(torch, self.cfg.autocast))
+        return autocast_region(self.device, self.cfg.autocast)
 
     # ---- training --------------------------------------------------------------------------------
 

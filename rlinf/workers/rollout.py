@@ -118,6 +118,13 @@ def load_model(model_dir: str | Path, dtype: str, device: torch.device, attentio
     return model, tokenizer
 
 
+def autocast_region(device: torch.device, autocast: str) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` to the dtype named by ``autocast`` on ``device``; nothing for ``none``."""
+    if autocast == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, autocast))
+
+
 @dataclass(frozen=True)
 class Sampled:
     """What an engine returns for one prompt: ``n`` token lists with their log-probs."""
@@ -172,12 +179,7 @@ class HFEngine:
             options["suppress_tokens"] = [pad]  # a pad token then marks only the filler after the end
         ids, attn = ids.to(self.device), attn.to(self.device)
         # one autocast region for the whole call: the weights are cast to bfloat16 once, not every token
-        precision = (
-            torch.autocast(self.device.type, dtype=getattr(torch, self.autocast))
-            if self.autocast != "none"
-            else contextlib.nullcontext()
-        )
-        with torch.no_grad(), precision:
+        with torch.no_grad(), autocast_region(self.device, self.autocast):
             if n > 1 and width > 1:
                 # each prompt's prefix once: its n samples continue from copies of that prompt's cache
                 options.update(num_return_sequences=1, past_key_values=self._prefill(ids[:, :-1], attn[:, :-1], n))
