@@ -40,7 +40,7 @@ from rlinf.channel import Channel
 from rlinf.errors import ConfigError
 from rlinf.worker import Worker
 from rlinf.workers.config import ActorConfig
-from rlinf.workers.inference import PackedBatch, group_token_logprobs, pack_groups, token_logprobs
+from rlinf.workers.inference import PackedBatch, block_mask_kind, group_token_logprobs, pack_groups, token_logprobs
 from rlinf.workers.lora import add_lora, merged_state
 from rlinf.workers.micro_batch import ElasticPull
 from rlinf.workers.rollout import Group, RolloutWorker, autocast_region, load_model, rank_share
@@ -127,6 +127,7 @@ class ActorWorker(Worker):
             model = add_lora(model, cfg)
         model.train()
         self.model: Any = model
+        self.block_mask = block_mask_kind(model)  # a micro-batch's groups in one packed pass where it can
         torch.manual_seed(cfg.seed + self.rank)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -318,7 +319,7 @@ class ActorWorker(Worker):
             self._empty_pass_if_collective()
             return {"tokens": 0.0}
         with self._precision():
-            logprobs = group_token_logprobs(self._forward, groups, batch, self.temperature)
+            logprobs = group_token_logprobs(self._forward, groups, batch, self.temperature, self.block_mask)
         loss, m = ppo_clip_loss(
             logprobs,
             batch.old_logprobs,

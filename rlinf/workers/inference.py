@@ -146,21 +146,138 @@ def length_buckets(lengths: Sequence[int], row_cost: int = 32) -> list[list[int]
     return buckets[::-1]
 
 
-def group_token_logprobs(model: Any, groups: Sequence[Group], batch: PackedBatch, temperature: float) -> Tensor:
-    """``token_logprobs(model, batch, temperature)`` for ``batch = pack_groups(groups)``, each group's
-    prompt computed once instead of once per sample, and responses without most of their padding.
+# attention kernels that take a custom 4D mask, and the form they take it in
+_BLOCK_MASKS = {"sdpa": "bool", "eager": "additive"}
+# model families whose transformers code passes a custom 4D mask through unchanged (tested: tiny Qwen2
+# and Llama, SmolLM2 is Llama); others keep the cache layout
+_BLOCK_MASK_FAMILIES = {"llama", "qwen2", "qwen3"}
+# the packed layout's attention grows with the square of a row's width (prompt plus all its samples'
+# responses); groups wider than this keep the cache layout, whose attention grows with each response
+PACKED_MAX_WIDTH = 512
 
-    The prompts go through ``model`` as one left-padded batch with the key/value cache on; only their
-    last position's logits are computed (``logits_to_keep=1``), which predict each response's first
-    token. Each sample's response then continues from a copy of its group's cached prompt (the copies
-    carry the gradient of every sample back to the shared prompt pass). The continuations run in
-    buckets of similar length (:func:`length_buckets`), so one long response does not pad every other
-    one to its length, and a response's last token, which predicts nothing, is not fed. Same numbers
-    up to rounding. Groups of one sample gain nothing, and then this is ``token_logprobs``.
+
+def block_mask_kind(model: Any) -> str | None:
+    """How ``model`` takes a custom block attention mask: ``"bool"`` (sdpa), ``"additive"`` (eager),
+    or None where it cannot (other kernels such as flash-attention, sliding windows, other families).
+
+    ``model`` is a transformers causal LM, possibly wrapped by peft (whose ``config`` is the base's).
+    """
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in _BLOCK_MASK_FAMILIES:
+        return None
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+        return None
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return None
+    return _BLOCK_MASKS.get(getattr(config, "_attn_implementation", None) or "")
+
+
+def group_token_logprobs(
+    model: Any, groups: Sequence[Group], batch: PackedBatch, temperature: float, block_mask: str | None = None
+) -> Tensor:
+    """``token_logprobs(model, batch, temperature)`` for ``batch = pack_groups(groups)``, each group's
+    prompt computed once instead of once per sample. Same numbers up to rounding.
+
+    Two layouts. With ``block_mask`` (what :func:`block_mask_kind` says the model takes), each group is
+    one row: its prompt, then every sample's response, with a block mask under which a response sees
+    the prompt and itself only, and position ids that restart after the prompt for each response. A
+    micro-batch is then one pass (or one per bucket of groups of very different widths): on one CPU
+    core a pass of the 10M benchmark model costs about as much as 30-50 more token rows, and the cache
+    layout takes three or four. Groups wider than ``PACKED_MAX_WIDTH`` tokens use the cache layout.
+
+    Without it (the cache layout), the prompts go through ``model`` as one left-padded batch with the
+    key/value cache on; only their last position's logits are computed (``logits_to_keep=1``), which
+    predict each response's first token. Each sample's response then continues from a copy of its
+    group's cached prompt (the copies carry the gradient of every sample back to the shared prompt
+    pass), in buckets of similar length (:func:`length_buckets`), so one long response does not pad
+    every other one to its length.
+
+    Either way a response's last token, which predicts nothing, is not fed. Groups of one sample gain
+    nothing, and then this is ``token_logprobs``.
     """
     sizes = torch.tensor([g.response_ids.shape[0] for g in groups])
     if int(sizes.max()) <= 1:
         return token_logprobs(model, batch, temperature)
+    if block_mask is not None:
+        packed = _packed_group_logprobs(model, groups, batch, temperature, block_mask)
+        if packed is not None:
+            return packed
+    return _cached_group_logprobs(model, groups, batch, temperature, sizes)
+
+
+def _packed_group_logprobs(
+    model: Any, groups: Sequence[Group], batch: PackedBatch, temperature: float, block_mask: str
+) -> Tensor | None:
+    """The packed layout of :func:`group_token_logprobs`; None when a group is wider than ``PACKED_MAX_WIDTH``."""
+    device = batch.input_ids.device
+    lengths = [int(n) for n in batch.response_mask.sum(dim=1)]
+    # per group: its token row, position ids, segment ids (0 prompt, j + 1 the j-th sample's response),
+    # and per sample with tokens: (sample index, prompt length, column of its first fed token, length)
+    rows: list[tuple[Tensor, Tensor, Tensor]] = []
+    spans: list[list[tuple[int, int, int, int]]] = []
+    first = 0
+    for g in groups:
+        p = int(g.prompt_ids.numel())
+        id_parts = [g.prompt_ids.to(device)]
+        pos_parts = [torch.arange(p, device=device)]
+        seg_parts = [torch.zeros(p, dtype=torch.long)]
+        mine, col = [], p
+        for j in range(g.response_ids.shape[0]):
+            n = lengths[first + j]
+            if n > 0:
+                fed = n - 1  # tokens 0 .. n-2 predict tokens 1 .. n-1; token 0 is predicted by the prompt
+                id_parts.append(batch.response_ids[first + j, :fed])
+                pos_parts.append(torch.arange(p, p + fed, device=device))
+                seg_parts.append(torch.full((fed,), j + 1, dtype=torch.long))
+                mine.append((first + j, p, col, n))
+                col += fed
+        first += g.response_ids.shape[0]
+        rows.append((torch.cat(id_parts), torch.cat(pos_parts), torch.cat(seg_parts)))
+        spans.append(mine)
+    widths = [int(r[0].numel()) if s else 0 for r, s in zip(rows, spans, strict=True)]
+    if max(widths) > PACKED_MAX_WIDTH:
+        return None
+    result = torch.zeros(batch.response_ids.shape, dtype=torch.float32, device=device)
+    for bucket in length_buckets(widths):  # groups of similar width, one pass each
+        width = max(widths[i] for i in bucket)
+        ids = torch.zeros((len(bucket), width), dtype=torch.long, device=device)  # padding is masked out
+        pos = torch.zeros((len(bucket), width), dtype=torch.long, device=device)
+        seg = torch.full((len(bucket), width), -1, dtype=torch.long)
+        for r, i in enumerate(bucket):
+            ids[r, : widths[i]], pos[r, : widths[i]], seg[r, : widths[i]] = rows[i]
+        q, k = seg[:, :, None], seg[:, None, :]
+        # a prompt token sees the prompt before it; a response token the whole prompt and its own
+        # response before it; padding only itself (a row with no key would give NaNs)
+        allowed = torch.ones((width, width), dtype=torch.bool).tril() & ((k == 0) | (k == q)) & (q >= 0)
+        allowed |= torch.eye(width, dtype=torch.bool)
+        if block_mask == "bool":
+            mask = allowed[:, None].to(device)
+        else:
+            mask = torch.zeros(allowed[:, None].shape, device=device)
+            mask.masked_fill_(~allowed[:, None].to(device), torch.finfo(torch.float32).min)
+        picks = [(r, *span) for r, i in enumerate(bucket) for span in spans[i]]
+        # the output layer runs only from the earliest position that predicts a response token
+        start = min(p for _, _, p, _, _ in picks) - 1
+        keep = torch.arange(start, width, device=device)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=keep)
+        logits = out.logits
+        r_max = max(n for *_, n in picks)
+        row = torch.tensor([r for r, *_ in picks], device=device)
+        cols = torch.zeros((len(picks), r_max), dtype=torch.long)
+        for s, (_, _, p, col, n) in enumerate(picks):
+            cols[s, 0] = p - 1 - start
+            cols[s, 1:n] = torch.arange(col - start, col - start + n - 1)
+        samples = torch.tensor([s for _, s, *_ in picks], device=device)
+        picked = logits[row[:, None], cols.to(device)]
+        mask_r = batch.response_mask[samples, :r_max]
+        result[samples, :r_max] = _picked_logprobs(picked, batch.response_ids[samples, :r_max], mask_r, temperature)
+    return result
+
+
+def _cached_group_logprobs(
+    model: Any, groups: Sequence[Group], batch: PackedBatch, temperature: float, sizes: Tensor
+) -> Tensor:
+    """The cache layout of :func:`group_token_logprobs`."""
     device = batch.input_ids.device
     plens = torch.tensor([int(g.prompt_ids.numel()) for g in groups], device=device)
     width = int(plens.max())
@@ -222,6 +339,7 @@ class InferenceWorker(Worker):
     ) -> None:
         self.model, self.tokenizer = load_model(model_dir, dtype, self.device)
         self.model.eval()
+        self.block_mask = block_mask_kind(self.model)
         self.temperature = temperature
         self.cfg = cfg or InferenceConfig()
 
@@ -254,7 +372,7 @@ class InferenceWorker(Worker):
         """One forward pass over ``groups``; per group, ``[n, R]`` log-probs shaped like its ``logprobs``."""
         with torch.no_grad():
             batch = pack_groups(groups, int(self.tokenizer.pad_token_id)).to(self.device)
-            ref = group_token_logprobs(self.model, groups, batch, self.temperature)
+            ref = group_token_logprobs(self.model, groups, batch, self.temperature, self.block_mask)
         out, row = [], 0
         for g in groups:  # pack_groups lays out the samples group after group
             full = torch.zeros_like(g.logprobs)

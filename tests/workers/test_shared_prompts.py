@@ -3,12 +3,20 @@ hf engine's samples, equal those of computing the prompt once per sample."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from rlinf.models import build_tiny_model
 from rlinf.workers import inference
-from rlinf.workers.inference import group_token_logprobs, length_buckets, pack_groups, token_logprobs
+from rlinf.workers.inference import (
+    block_mask_kind,
+    group_token_logprobs,
+    length_buckets,
+    pack_groups,
+    token_logprobs,
+)
 from rlinf.workers.rollout import Group, HFEngine, load_model
 
 
@@ -31,10 +39,13 @@ def _groups(vocab: int, pad: int) -> list[Group]:
     return groups
 
 
+@pytest.mark.parametrize("layout", ["packed", "cache"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_group_logprobs_and_gradients_equal_the_packed_ones(model_dir, attention):
+def test_group_logprobs_and_gradients_equal_the_per_sample_ones(model_dir, attention, layout):
     model, tok = load_model(model_dir, "float32", torch.device("cpu"), attention)
     assert model.config._attn_implementation == attention
+    mask = block_mask_kind(model) if layout == "packed" else None
+    assert layout == "cache" or mask == {"sdpa": "bool", "eager": "additive"}[attention]
     groups = _groups(int(model.config.vocab_size), int(tok.pad_token_id))
     batch = pack_groups(groups, int(tok.pad_token_id))
 
@@ -42,7 +53,7 @@ def test_group_logprobs_and_gradients_equal_the_packed_ones(model_dir, attention
     (packed * torch.linspace(-1, 1, packed.numel()).view_as(packed)).sum().backward()
     packed_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    shared = group_token_logprobs(model, groups, batch, 0.7)
+    shared = group_token_logprobs(model, groups, batch, 0.7, mask)
     (shared * torch.linspace(-1, 1, shared.numel()).view_as(shared)).sum().backward()
 
     assert shared.shape == packed.shape
@@ -64,7 +75,7 @@ def test_groups_of_one_sample_take_the_packed_path(model_dir):
     torch.testing.assert_close(out, token_logprobs(model, batch, 1.0))
 
 
-def _shared_pass_shapes(model, groups: list[Group], pad: int) -> list[tuple[int, ...]]:
+def _shared_pass_shapes(model, groups: list[Group], pad: int, block_mask: str | None = None) -> list[tuple[int, ...]]:
     """The ``input_ids`` shapes of the forward passes ``group_token_logprobs`` makes; checks its log-probs
     against the per-sample layout on the way."""
     batch = pack_groups(groups, pad)
@@ -75,7 +86,7 @@ def _shared_pass_shapes(model, groups: list[Group], pad: int) -> list[tuple[int,
         return model(**kw)
 
     with torch.no_grad():
-        out = group_token_logprobs(counted, groups, batch, 0.7)
+        out = group_token_logprobs(counted, groups, batch, 0.7, block_mask)
         torch.testing.assert_close(out, token_logprobs(model, batch, 0.7), atol=1e-5, rtol=1e-5)
     return seen
 
@@ -107,6 +118,64 @@ def test_continuations_run_in_length_buckets_and_skip_one_token_responses(model_
     ]:
         groups = [group(x) for x in lengths]
         assert _shared_pass_shapes(model, groups, pad) == shapes
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_packed_layout_takes_one_pass_per_bucket_of_groups(model_dir, attention):
+    model, tok = load_model(model_dir, "float32", torch.device("cpu"), attention)
+    pad, vocab = int(tok.pad_token_id), int(model.config.vocab_size)
+    mask = block_mask_kind(model)
+    # each group's row: its prompt, then every response but its last token (widths 9, 19, 3, 10)
+    assert _shared_pass_shapes(model, _groups(vocab, pad), pad, mask) == [(4, 19)]
+
+    gen = torch.Generator().manual_seed(7)
+
+    def group(plen: int, lengths: list[int]) -> Group:
+        n, r = len(lengths), max(lengths)
+        resp_mask = torch.arange(r)[None] < torch.tensor(lengths)[:, None]
+        resp = torch.where(resp_mask, torch.randint(3, vocab, (n, r), generator=gen), pad)
+        prompt = torch.randint(3, vocab, (plen,), generator=gen)
+        return Group(prompt, resp, resp_mask, torch.zeros(n, r), ("",) * n, (False,) * n, ("",) * n, None, 0)
+
+    # seven rows of 6 tokens and one of 242: one pass would pad 7 * 236 tokens, two cost 32 more rows
+    groups = [group(4, [2, 2]) for _ in range(7)] + [group(4, [120, 120])]
+    assert _shared_pass_shapes(model, groups, pad, mask) == [(7, 6), (1, 242)]
+
+
+def test_groups_wider_than_the_packed_limit_keep_the_cache_layout(model_dir, monkeypatch):
+    model, tok = load_model(model_dir, "float32", torch.device("cpu"))
+    pad = int(tok.pad_token_id)
+    groups = _groups(int(model.config.vocab_size), pad)
+    monkeypatch.setattr(inference, "PACKED_MAX_WIDTH", 18)  # the widest group is 19 tokens
+    assert _shared_pass_shapes(model, groups, pad, "bool") == _shared_pass_shapes(model, groups, pad, None)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_both_layouts_agree_under_bfloat16_autocast(model_dir, attention):
+    model, tok = load_model(model_dir, "float32", torch.device("cpu"), attention)
+    groups = _groups(int(model.config.vocab_size), int(tok.pad_token_id))
+    batch = pack_groups(groups, int(tok.pad_token_id))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = group_token_logprobs(model, groups, batch, 1.0, block_mask_kind(model))
+        cached = group_token_logprobs(model, groups, batch, 1.0, None)
+    assert packed.dtype == torch.float32 and torch.isfinite(packed).all()
+    torch.testing.assert_close(packed, cached, atol=0.08, rtol=0)  # bfloat16 rounding, as in the rollout test
+
+
+def test_block_masks_only_where_the_model_takes_them():
+    def model(**config):  # type: ignore[no-untyped-def]
+        return SimpleNamespace(config=SimpleNamespace(**config))
+
+    assert block_mask_kind(model(model_type="llama", _attn_implementation="sdpa")) == "bool"
+    assert block_mask_kind(model(model_type="qwen2", _attn_implementation="eager", sliding_window=None)) == "additive"
+    assert block_mask_kind(model(model_type="qwen2", _attn_implementation="flash_attention_2")) is None
+    assert block_mask_kind(model(model_type="gpt2", _attn_implementation="sdpa")) is None
+    sliding = ["full_attention", "sliding_attention"]
+    assert block_mask_kind(model(model_type="qwen3", _attn_implementation="sdpa", layer_types=sliding)) is None
+    windowed = dict(model_type="qwen2", _attn_implementation="sdpa", sliding_window=64)
+    assert block_mask_kind(model(**windowed, use_sliding_window=True)) is None
+    assert block_mask_kind(model(**windowed, use_sliding_window=False)) == "bool"
+    assert block_mask_kind(object()) is None
 
 
 def test_a_cache_that_cannot_be_copied_per_bucket_is_narrowed_once(model_dir, monkeypatch):
