@@ -162,8 +162,8 @@ class ActorWorker(Worker):
 
         Backward runs in the dtypes the forward recorded, so only forward passes sit in it. Autocast
         keeps its low-precision copies of the weights until the outermost region ends, so the passes
-        of one micro-batch (the prompts, then each length bucket) go in one region and cast the
-        weights once.
+        of one micro-batch (one packed pass, or the prompts and then each length bucket) go in one
+        region and cast the weights once.
         """
         return autocast_region(self.device, self.cfg.autocast)
 

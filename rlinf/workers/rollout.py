@@ -125,6 +125,57 @@ def autocast_region(device: torch.device, autocast: str) -> contextlib.AbstractC
     return torch.autocast(device.type, dtype=getattr(torch, autocast))
 
 
+DECODE_ATTENTION = "rlinf_decode_sdpa"
+
+
+def _decode_attention(
+    module: Any,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """transformers' ``sdpa`` attention, except when decoding (one query token per row, no gradient):
+    then the query heads that share a key/value head attend as one small matrix product, without
+    copying the keys and values once per query head. On one CPU core torch's fused kernel took ~0.7 ms
+    a call at 32 rows in bfloat16 (~0.4 ms in float32) against ~0.16 ms (~0.21 ms) for this, per layer
+    and token."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    b, h, t, d = query.shape
+    kvh = key.shape[1]
+    if (
+        t != 1
+        or torch.is_grad_enabled()
+        or h % kvh
+        or (attention_mask is not None and attention_mask.dtype != torch.bool)
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    q = query.reshape(b, kvh, h // kvh, d)
+    scores = torch.matmul(q, key.transpose(-1, -2)) * (d**-0.5 if scaling is None else scaling)
+    if attention_mask is not None:  # [b, 1, 1, keys], true where a key may be seen
+        scores = scores.masked_fill(~attention_mask[:, :, -1:, : key.shape[2]], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    return torch.matmul(probs, value).reshape(b, 1, h, d), None
+
+
+def use_decode_attention(model: Any) -> None:
+    """Switches a transformers model on ``sdpa`` to :func:`_decode_attention` (same masks as sdpa)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return
+    AttentionInterface.register(DECODE_ATTENTION, _decode_attention)
+    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(DECODE_ATTENTION)
+
+
 @dataclass(frozen=True)
 class Sampled:
     """What an engine returns for one prompt: ``n`` token lists with their log-probs."""
@@ -140,6 +191,8 @@ class HFEngine:
     def __init__(self, model_dir: str | Path, dtype: str, device: torch.device, autocast: str = "none") -> None:
         self.model, self.tokenizer = load_model(model_dir, dtype, device)
         self.model.eval()
+        if device.type == "cpu":
+            use_decode_attention(self.model)
         self.device = device
         self.autocast = autocast
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))

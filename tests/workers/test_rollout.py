@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,15 @@ from rlinf.errors import ConfigError
 from rlinf.models import build_tiny_model
 from rlinf.workers.config import RolloutConfig
 from rlinf.workers.inference import pack_groups, token_logprobs
-from rlinf.workers.rollout import HFEngine, Prompt, RolloutWorker, VLLMEngine, load_model
+from rlinf.workers.rollout import (
+    DECODE_ATTENTION,
+    HFEngine,
+    Prompt,
+    RolloutWorker,
+    VLLMEngine,
+    _decode_attention,
+    load_model,
+)
 
 from ..conftest import needs_vllm
 
@@ -79,6 +88,40 @@ def test_hf_engine_under_bfloat16_autocast_samples_with_bfloat16_logprobs(model_
             exact = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
             # bfloat16 keeps 8 bits of mantissa: the log-probs agree to a few hundredths, not 1e-5
             torch.testing.assert_close(torch.tensor(lps), exact, atol=0.08, rtol=0)
+
+
+def test_decode_attention_equals_sdpa_with_and_without_padding():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(s, generator=gen) for s in [(3, 4, 1, 8), (3, 2, 7, 8), (3, 2, 7, 8)])
+    mask = torch.ones((3, 1, 1, 7), dtype=torch.bool)
+    mask[0, ..., :3] = False  # a left-padded row
+    with torch.no_grad():
+        for m in (mask, None):
+            ours, _ = _decode_attention(module, q, k, v, m, scaling=0.3)
+            ref, _ = sdpa_attention_forward(module, q, k, v, m, scaling=0.3)
+            assert ours.shape == ref.shape == (3, 1, 4, 8)
+            torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    # with a gradient or several query tokens it is sdpa itself
+    out, _ = _decode_attention(module, q.requires_grad_(), k, v, mask, scaling=0.3)
+    assert out.grad_fn is not None
+
+
+def test_hf_engine_on_cpu_decodes_with_the_grouped_attention_and_samples_as_sdpa_does(model_dir):
+    engine = HFEngine(model_dir, "float32", torch.device("cpu"))
+    assert engine.model.config._attn_implementation == DECODE_ATTENTION
+    prompts = [[5, 9, 11, 7], [6] * 11, [8, 3]]  # left-padded to 11: the mask path
+    torch.manual_seed(2)
+    ours = engine.generate(prompts, 3, 1.0, 1.0, 8, [])
+    engine.model.set_attn_implementation("sdpa")
+    torch.manual_seed(2)
+    ref = engine.generate(prompts, 3, 1.0, 1.0, 8, [])
+    for a, b in zip(ours, ref, strict=True):
+        assert a.tokens == b.tokens and a.truncated == b.truncated
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            torch.testing.assert_close(torch.tensor(x), torch.tensor(y), atol=1e-5, rtol=0)
 
 
 def test_rollout_autocast_is_validated():
