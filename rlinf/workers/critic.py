@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from rlinf.channel import Channel
 from rlinf.errors import ConfigError
 from rlinf.worker import Worker
 from rlinf.workers.actor import scored_rewards
-from rlinf.workers.inference import PackedBatch, pack_groups
+from rlinf.workers.inference import PackedBatch, block_mask_kind, pack_groups, packed_passes
 from rlinf.workers.rollout import Group, rank_share
 from rlinf.workers.weights import move_training_state
 
@@ -112,9 +113,27 @@ class ValueModel(nn.Module):
         nn.init.normal_(self.head.weight, std=head_init_std)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, batch: PackedBatch) -> Tensor:
-        """``[B, R]`` float32 values: response token ``t`` gets the value of the prefix before it; 0 off the mask."""
+    def forward(
+        self, batch: PackedBatch, groups: Sequence[Group] | None = None, block_mask: str | None = None
+    ) -> Tensor:
+        """``[B, R]`` float32 values: response token ``t`` gets the value of the prefix before it; 0 off the mask.
+
+        With the ``groups`` of ``batch = pack_groups(groups)`` and the backbone's ``block_mask``
+        (:func:`block_mask_kind`), each group goes in as one packed row, its prompt computed once for
+        all its samples (as the actor's log-probs do); otherwise every sample is a row of its own.
+        """
         device = self.head.weight.device
+        if groups is not None and block_mask is not None and max(g.response_ids.shape[0] for g in groups) > 1:
+            passes = packed_passes(groups, batch.to(device), block_mask)
+            if passes is not None:
+                values = torch.zeros(batch.response_ids.shape, device=device)
+                for p in passes:
+                    kw = dict(input_ids=p.input_ids, attention_mask=p.attention_mask, position_ids=p.position_ids)
+                    hidden = self.backbone(**kw, use_cache=False).last_hidden_state[:, p.first :]
+                    values[p.samples, : p.cols.shape[1]] = (
+                        self.head(hidden[p.rows[:, None], p.cols]).squeeze(-1).float()
+                    )
+                return torch.where(batch.response_mask.to(device), values, torch.zeros_like(values))
         input_ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state
         r = batch.response_ids.shape[1]
@@ -235,6 +254,7 @@ class CriticWorker(Worker):
         torch.manual_seed(cfg.seed)  # the same head on every rank: the ranks train one model
         self.model, self.tokenizer = load_value_model(model_dir, dtype, self.device, cfg.head_init_std)
         self.model.train()
+        self.block_mask = block_mask_kind(self.model.backbone)  # each group as one packed row where it can
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
@@ -252,7 +272,7 @@ class CriticWorker(Worker):
             item = inp.get_item()
             group: Group = item.payload
             with self.device_lock(), torch.no_grad():
-                values = self.model(pack_groups([group], self.pad_id)).cpu()
+                values = self.model(pack_groups([group], self.pad_id), [group], self.block_mask).cpu()
             out.put(attach_values([group], values)[0], version=item.meta.version)
         return {"critic/groups": float(mine), "time/critic": time.perf_counter() - start}
 
@@ -335,7 +355,7 @@ class CriticWorker(Worker):
         tokens = float(mask.sum())
         if tokens == 0:  # every sample failed: nothing to value or learn
             return (attach_values(groups, torch.zeros(mask.shape)) if fresh else groups), {"tokens": 0.0}
-        values = self.model(batch)
+        values = self.model(batch, groups, self.block_mask)
         if fresh:
             groups = attach_values(groups, values.detach().cpu())
         old = pack_values(groups, batch)

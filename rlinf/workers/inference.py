@@ -205,10 +205,34 @@ def group_token_logprobs(
     return _cached_group_logprobs(model, groups, batch, temperature, sizes)
 
 
-def _packed_group_logprobs(
-    model: Any, groups: Sequence[Group], batch: PackedBatch, temperature: float, block_mask: str
-) -> Tensor | None:
-    """The packed layout of :func:`group_token_logprobs`; None when a group is wider than ``PACKED_MAX_WIDTH``."""
+@dataclass(frozen=True)
+class PackedPass:
+    """One forward pass of the packed layout (see :func:`group_token_logprobs`): ``G`` rows of ``W`` tokens.
+
+    Args:
+        input_ids: ``[G, W]`` each group's prompt, then its samples' responses but their last token.
+        position_ids: ``[G, W]`` restarting after the prompt for each response.
+        attention_mask: ``[G, 1, W, W]`` the block mask, in the form the model takes it.
+        first: the first column whose output is needed (the earliest prompt's last token).
+        rows: ``[S]`` the row of each sample with tokens.
+        cols: ``[S, R]`` per sample, the column (counted from ``first``) whose output predicts (or
+            values) response token ``t``; 0 past the sample's length.
+        samples: ``[S]`` each sample's index in the batch.
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    attention_mask: Tensor
+    first: int
+    rows: Tensor
+    cols: Tensor
+    samples: Tensor
+
+
+def packed_passes(groups: Sequence[Group], batch: PackedBatch, block_mask: str) -> list[PackedPass] | None:
+    """The passes of the packed layout for ``batch = pack_groups(groups)``: one per bucket of groups of
+    similar width (:func:`length_buckets` over the row widths). None when a group is wider than
+    ``PACKED_MAX_WIDTH`` tokens; no passes when no sample has tokens."""
     device = batch.input_ids.device
     lengths = [int(n) for n in batch.response_mask.sum(dim=1)]
     # per group: its token row, position ids, segment ids (0 prompt, j + 1 the j-th sample's response),
@@ -237,7 +261,7 @@ def _packed_group_logprobs(
     widths = [int(r[0].numel()) if s else 0 for r, s in zip(rows, spans, strict=True)]
     if max(widths) > PACKED_MAX_WIDTH:
         return None
-    result = torch.zeros(batch.response_ids.shape, dtype=torch.float32, device=device)
+    passes = []
     for bucket in length_buckets(widths):  # groups of similar width, one pass each
         width = max(widths[i] for i in bucket)
         ids = torch.zeros((len(bucket), width), dtype=torch.long, device=device)  # padding is masked out
@@ -256,21 +280,47 @@ def _packed_group_logprobs(
             mask = torch.zeros(allowed[:, None].shape, device=device)
             mask.masked_fill_(~allowed[:, None].to(device), torch.finfo(torch.float32).min)
         picks = [(r, *span) for r, i in enumerate(bucket) for span in spans[i]]
-        # the output layer runs only from the earliest position that predicts a response token
         start = min(p for _, _, p, _, _ in picks) - 1
-        keep = torch.arange(start, width, device=device)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=keep)
-        logits = out.logits
-        r_max = max(n for *_, n in picks)
-        row = torch.tensor([r for r, *_ in picks], device=device)
-        cols = torch.zeros((len(picks), r_max), dtype=torch.long)
+        cols = torch.zeros((len(picks), max(n for *_, n in picks)), dtype=torch.long)
         for s, (_, _, p, col, n) in enumerate(picks):
             cols[s, 0] = p - 1 - start
             cols[s, 1:n] = torch.arange(col - start, col - start + n - 1)
-        samples = torch.tensor([s for _, s, *_ in picks], device=device)
-        picked = logits[row[:, None], cols.to(device)]
-        mask_r = batch.response_mask[samples, :r_max]
-        result[samples, :r_max] = _picked_logprobs(picked, batch.response_ids[samples, :r_max], mask_r, temperature)
+        passes.append(
+            PackedPass(
+                ids,
+                pos,
+                mask,
+                start,
+                torch.tensor([r for r, *_ in picks], device=device),
+                cols.to(device),
+                torch.tensor([s for _, s, *_ in picks], device=device),
+            )
+        )
+    return passes
+
+
+def _packed_group_logprobs(
+    model: Any, groups: Sequence[Group], batch: PackedBatch, temperature: float, block_mask: str
+) -> Tensor | None:
+    """The packed layout of :func:`group_token_logprobs`; None when a group is wider than ``PACKED_MAX_WIDTH``."""
+    passes = packed_passes(groups, batch, block_mask)
+    if passes is None:
+        return None
+    result = torch.zeros(batch.response_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+    for p in passes:
+        # the output layer runs only from the earliest position that predicts a response token
+        keep = torch.arange(p.first, p.input_ids.shape[1], device=p.input_ids.device)
+        out = model(
+            input_ids=p.input_ids,
+            attention_mask=p.attention_mask,
+            position_ids=p.position_ids,
+            use_cache=False,
+            logits_to_keep=keep,
+        )
+        r = p.cols.shape[1]
+        picked = out.logits[p.rows[:, None], p.cols]
+        ids, mask = batch.response_ids[p.samples, :r], batch.response_mask[p.samples, :r]
+        result[p.samples, :r] = _picked_logprobs(picked, ids, mask, temperature)
     return result
 
 

@@ -22,7 +22,7 @@ from rlinf.workers.critic import (
     load_value_model,
     pack_values,
 )
-from rlinf.workers.inference import pack_groups
+from rlinf.workers.inference import block_mask_kind, pack_groups
 from rlinf.workers.rollout import Group
 
 PAD = 0
@@ -96,6 +96,28 @@ def test_values_have_the_response_shape_are_zero_off_the_mask_and_ignore_padding
             k = alone.shape[0]
             torch.testing.assert_close(alone, values[row, :k], atol=1e-5, rtol=1e-5)
             row += 1
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_group_rows_give_the_per_sample_values_and_gradients(model_dir, attention):
+    model = local_model(model_dir)
+    model.backbone.set_attn_implementation(attention)
+    mask = block_mask_kind(model.backbone)
+    assert mask == {"sdpa": "bool", "eager": "additive"}[attention]
+    groups = [*random_groups(seed=4), failed_group()]
+    batch = pack_groups(groups, PAD)
+    weights = torch.linspace(-1, 1, batch.response_mask.numel()).view_as(batch.response_mask)
+
+    per_sample = model(batch)
+    (per_sample * weights).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    packed = model(batch, groups, mask)
+    (packed * weights).sum().backward()
+
+    torch.testing.assert_close(packed, per_sample, atol=1e-5, rtol=1e-5)
+    for p, g in zip(model.parameters(), grads, strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
 
 
 def test_value_of_a_token_is_the_head_on_the_hidden_state_before_it(model_dir):
