@@ -128,11 +128,14 @@ class ValueModel(nn.Module):
             if passes is not None:
                 values = torch.zeros(batch.response_ids.shape, device=device)
                 for p in passes:
-                    kw = dict(input_ids=p.input_ids, attention_mask=p.attention_mask, position_ids=p.position_ids)
-                    hidden = self.backbone(**kw, use_cache=False).last_hidden_state[:, p.first :]
-                    values[p.samples, : p.cols.shape[1]] = (
-                        self.head(hidden[p.rows[:, None], p.cols]).squeeze(-1).float()
+                    out = self.backbone(
+                        input_ids=p.input_ids,
+                        attention_mask=p.attention_mask,
+                        position_ids=p.position_ids,
+                        use_cache=False,
                     )
+                    picked = out.last_hidden_state[:, p.first :][p.rows[:, None], p.cols]
+                    values[p.samples, : p.cols.shape[1]] = self.head(picked).squeeze(-1).float()
                 return torch.where(batch.response_mask.to(device), values, torch.zeros_like(values))
         input_ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state
